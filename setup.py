@@ -1,0 +1,37 @@
+"""dbrx_jax: Databricks' DBRX mixture-of-experts LLM in JAX / Flax NNX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="dbrx_jax",
+    version="0.1.0",
+    description="DBRX (132B fine-grained MoE) in JAX/Flax NNX: exact to the released model, "
+    "trainable and servable on TPU and GPU meshes.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=find_packages(include=["dbrx_jax", "dbrx_jax.*"]),
+    # Ranges are the ones tested: jax 0.10.2 here, 0.11.2 on the GPU machines.
+    install_requires=[
+        "jax>=0.10.2,<0.13",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.5,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "grain>=0.2.12,<0.3",
+        "sentencepiece>=0.2,<0.3",
+        "absl-py>=2.1,<3",
+        "ml_collections>=1.0,<2",
+        "ml_dtypes>=0.5",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        # The parity reference: real transformers on CPU torch (never imported by the library).
+        "test": [
+            "pytest>=8",
+            "transformers>=5.0,<6",
+            "torch==2.13.0",
+        ],
+        "dev": ["ruff>=0.6"],
+    },
+)
