@@ -1,5 +1,15 @@
 """dbrx_jax: Databricks' DBRX mixture-of-experts LLM in JAX / Flax NNX."""
 
 from dbrx_jax.config import PRESETS, DbrxConfig
+from dbrx_jax.model import Dbrx, DbrxOutput
+from dbrx_jax.moe import MoEOutput, RouterOutput, load_balancing_loss
 
-__all__ = ["PRESETS", "DbrxConfig"]
+__all__ = [
+    "PRESETS",
+    "Dbrx",
+    "DbrxConfig",
+    "DbrxOutput",
+    "MoEOutput",
+    "RouterOutput",
+    "load_balancing_loss",
+]

@@ -1,0 +1,171 @@
+"""The DBRX causal language model: embedding, a scan over pre-LN MoE blocks, final norm, lm_head.
+
+    h = wte[tokens]
+    for each layer:  h = h + attn(norm_1(h));  h = h + moe(norm_2(h))
+    logits = norm_f(h) @ lm_head            (untied; no embedding scaling)
+
+The layers are created with `nnx.vmap` (every block parameter gains a leading L axis) and run
+with `jax.lax.scan`, so the compiled program does not grow with depth and remat applies per
+block. Shape legend as in layers.py and moe.py; V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from dbrx_jax.config import DbrxConfig
+from dbrx_jax.layers import Attention, LayerNorm, attention_mask, param, rope_tables
+from dbrx_jax.moe import MoE, RouterOutput
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing but the block's inputs
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@struct.dataclass
+class DbrxOutput:
+    """logits: `[B, T, V]` in the compute dtype. router: each layer's routing, stacked
+    (`logits_BTE` becomes `[L, B, T, E]`): what the load-balancing loss and router probes need."""
+
+    logits: jax.Array
+    router: RouterOutput
+
+
+class DbrxBlock(nnx.Module):
+    def __init__(self, config: DbrxConfig, *, rngs: nnx.Rngs):
+        self.norm_1 = LayerNorm(config)
+        self.attn = Attention(config, rngs=rngs)
+        self.norm_2 = LayerNorm(config)
+        self.ffn = MoE(config, rngs=rngs)
+
+    def __call__(
+        self,
+        h_BTD: jax.Array,
+        cos_BTH: jax.Array,
+        sin_BTH: jax.Array,
+        mask_B1TS: jax.Array | None,
+        jitter_key: jax.Array | None,
+    ) -> tuple[jax.Array, RouterOutput]:
+        h_BTD = h_BTD + self.attn(self.norm_1(h_BTD), cos_BTH, sin_BTH, mask_B1TS)
+        moe = self.ffn(self.norm_2(h_BTD), jitter_key)
+        return h_BTD + moe.y_BTD, moe.router
+
+
+def positions_from_segments(segment_ids_BT: jax.Array) -> jax.Array:
+    """Per-segment positions: 0, 1, 2, ... restarting wherever the segment id changes."""
+    T = segment_ids_BT.shape[1]
+    index_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), segment_ids_BT.shape)
+    starts_BT = jnp.concatenate(
+        [
+            jnp.ones_like(segment_ids_BT[:, :1], bool),
+            segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1],
+        ],
+        axis=1,
+    )
+    start_index_BT = jax.lax.cummax(jnp.where(starts_BT, index_BT, 0), axis=1)
+    return index_BT - start_index_BT
+
+
+class Dbrx(nnx.Module):
+    """DBRX for causal LM (transformers' `DbrxForCausalLM`), in Flax NNX.
+
+    Build with `Dbrx(config, rngs=nnx.Rngs(seed))`, or load released weights with
+    `dbrx_jax.from_pretrained`. Call on int32 tokens `[B, T]`; returns `DbrxOutput`.
+    """
+
+    def __init__(self, config: DbrxConfig, *, rngs: nnx.Rngs):
+        for field in ("resid_pdrop", "emb_pdrop", "attn_pdrop"):
+            if getattr(config, field):
+                raise NotImplementedError(
+                    f"DbrxConfig.{field}={getattr(config, field)}: dropout is not implemented "
+                    "(DBRX is trained without it); set it to 0"
+                )
+        if "float64" in (config.dtype, config.param_dtype) and not jax.config.jax_enable_x64:
+            raise ValueError(
+                "DbrxConfig dtype float64 needs jax.config.update('jax_enable_x64', "
+                "True) before the model is built"
+            )
+        self.config = config
+        std = config.initializer_range
+        V, D = config.vocab_size, config.d_model
+        self.wte = param(rngs, (V, D), ("vocab", "embed"), config, std=std)
+
+        @nnx.split_rngs(splits=config.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create_blocks(rngs: nnx.Rngs) -> DbrxBlock:
+            return DbrxBlock(config, rngs=rngs)
+
+        self.blocks = create_blocks(rngs)
+        for _, variable in nnx.iter_graph(self.blocks):  # the new leading axis is the layer
+            if isinstance(variable, nnx.Param):
+                variable.set_metadata(
+                    "logical_axes", ("layers", *variable.get_metadata("logical_axes"))
+                )
+        self.norm_f = LayerNorm(config)
+        self.lm_head = param(rngs, (D, V), ("embed", "vocab"), config, std=std)
+
+    def __call__(
+        self,
+        tokens_BT: jax.Array | None = None,
+        *,
+        inputs_embeds_BTD: jax.Array | None = None,
+        positions_BT: jax.Array | None = None,
+        segment_ids_BT: jax.Array | None = None,
+        jitter_key: jax.Array | None = None,
+    ) -> DbrxOutput:
+        """Forward pass.
+
+        tokens_BT: int token ids (or `inputs_embeds_BTD` instead: the embedded input).
+        segment_ids_BT: for packed sequences, tokens attend only within their own segment. With
+          padding, give padding its own id (e.g. 0) and mask it out of the loss.
+        positions_BT: RoPE positions; by default 0..T-1, restarting at every segment.
+        jitter_key: a PRNG key turns on the router jitter of training (if moe_jitter_eps > 0).
+        """
+        c = self.config
+        dtype = c.compute_dtype
+        if (tokens_BT is None) == (inputs_embeds_BTD is None):
+            raise ValueError("pass exactly one of tokens_BT and inputs_embeds_BTD")
+        if tokens_BT is not None:
+            if not jnp.issubdtype(tokens_BT.dtype, jnp.integer) or tokens_BT.ndim != 2:
+                raise ValueError(
+                    f"tokens_BT: expected integer ids of shape [B, T], got "
+                    f"{tokens_BT.dtype}{list(tokens_BT.shape)}"
+                )
+            h_BTD = jnp.take(self.wte[...], tokens_BT, axis=0).astype(dtype)
+        else:
+            h_BTD = inputs_embeds_BTD.astype(dtype)
+        B, T, _ = h_BTD.shape
+        if positions_BT is None:
+            positions_BT = (
+                jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+                if segment_ids_BT is None
+                else positions_from_segments(segment_ids_BT)
+            )
+        cos_BTH, sin_BTH = rope_tables(positions_BT, c.head_dim, c.rope_theta, dtype)
+        mask_B1TS = attention_mask(segment_ids_BT)
+
+        h_BTD, router = self._run_blocks(h_BTD, cos_BTH, sin_BTH, mask_B1TS, jitter_key)
+
+        h_BTD = self.norm_f(h_BTD)
+        logits_BTV = jnp.einsum("BTD,DV->BTV", h_BTD, self.lm_head[...].astype(dtype))
+        return DbrxOutput(logits=logits_BTV, router=router)
+
+    def _run_blocks(self, h_BTD, cos_BTH, sin_BTH, mask_B1TS, jitter_key):
+        """`lax.scan` over the stacked blocks, each optionally rematerialised."""
+        graphdef, stacked_state = nnx.split(self.blocks)
+        keys_L = None if jitter_key is None else jax.random.split(jitter_key, self.config.n_layers)
+
+        def body(h_BTD, layer):
+            layer_state, key = layer
+            block = nnx.merge(graphdef, layer_state)
+            return block(h_BTD, cos_BTH, sin_BTH, mask_B1TS, key)
+
+        if self.config.remat_policy != "none":
+            body = jax.checkpoint(
+                body, policy=REMAT_POLICIES[self.config.remat_policy], prevent_cse=False
+            )
+        return jax.lax.scan(body, h_BTD, (stacked_state, keys_L))

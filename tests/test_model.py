@@ -1,0 +1,148 @@
+"""Whole-model properties: parameter count at full scale, causality, packing, remat, scan."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dbrx_jax import Dbrx, DbrxConfig, load_balancing_loss
+
+TINY = DbrxConfig.preset("dbrx-tiny")
+
+
+def _model(config=TINY, seed=0):
+    return Dbrx(config, rngs=nnx.Rngs(seed))
+
+
+def _tokens(shape, seed=0, vocab=TINY.vocab_size):
+    return jnp.asarray(np.random.RandomState(seed).randint(0, vocab, shape), jnp.int32)
+
+
+def test_full_size_model_shapes_without_memory():
+    config = DbrxConfig.preset("dbrx-132b")
+    abstract = nnx.eval_shape(lambda: Dbrx(config, rngs=nnx.Rngs(0)))
+    leaves = jax.tree.leaves(nnx.state(abstract))
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)
+    assert sum(int(np.prod(leaf.shape)) for leaf in leaves) == 131_596_523_520
+    assert {leaf.dtype for leaf in leaves} == {jnp.dtype(jnp.bfloat16)}
+    params = dict(
+        (path, var) for path, var in nnx.iter_graph(abstract) if isinstance(var, nnx.Param)
+    )
+    assert params["blocks", "ffn", "w1"].shape == (40, 16, 6144, 10752)
+    assert params["blocks", "ffn", "w2"].shape == (40, 16, 10752, 6144)
+    assert params["blocks", "attn", "wqkv"].shape == (40, 6144, 8, 8, 128)
+    for path, var in params.items():  # every parameter is annotated for sharding
+        axes = var.get_metadata("logical_axes")
+        assert len(axes) == len(var.shape), path
+        assert (axes[0] == "layers") == (path[0] == "blocks"), path
+
+
+def test_forward_output_shapes_and_dtypes():
+    out = _model()(_tokens((2, 9)))
+    L, E, k = TINY.n_layers, TINY.moe_num_experts, TINY.moe_top_k
+    assert out.logits.shape == (2, 9, TINY.vocab_size)
+    assert out.router.logits_BTE.shape == (L, 2, 9, E)
+    assert out.router.expert_ids_BTA.shape == out.router.weights_BTA.shape == (L, 2, 9, k)
+    assert out.router.expert_ids_BTA.dtype == jnp.int32
+    loss = load_balancing_loss(out.router, E)
+    assert np.isfinite(float(loss)) and float(loss) > 0
+
+
+def test_causality_by_gradient():
+    """d(logits at t)/d(input at s) is exactly zero for every s > t and not for s <= t."""
+    model = _model()
+    tokens = _tokens((2, 10))
+    embeds = jnp.take(model.wte[...], tokens, axis=0)
+    cotangent = jax.random.normal(jax.random.key(0), (2, TINY.vocab_size))
+    for t in (0, 4, 9):
+
+        def logit_t(embeds, t=t):
+            return jnp.sum(model(inputs_embeds_BTD=embeds).logits[:, t] * cotangent)
+
+        grad_per_position = np.abs(np.asarray(jax.grad(logit_t)(embeds))).sum(-1)
+        assert np.all(grad_per_position[:, t + 1 :] == 0)
+        assert np.all(grad_per_position[:, : t + 1] > 0)
+
+
+def test_packed_rows_equal_separate_sequences():
+    model = _model()
+    a, b = _tokens((1, 6), seed=1), _tokens((1, 9), seed=2)
+    packed = jnp.concatenate([a, b], axis=1)
+    segments = jnp.asarray([[1] * 6 + [2] * 9])
+    out = model(packed, segment_ids_BT=segments)
+    np.testing.assert_allclose(out.logits[:, :6], model(a).logits, atol=2e-5)
+    np.testing.assert_allclose(out.logits[:, 6:], model(b).logits, atol=2e-5)
+    np.testing.assert_array_equal(
+        out.router.expert_ids_BTA[:, :, 6:], model(b).router.expert_ids_BTA
+    )
+
+
+def test_left_padding_with_segment_zero():
+    model = _model()
+    seq = _tokens((1, 7), seed=3)
+    padded = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), seq], axis=1)
+    segments = jnp.asarray([[0] * 3 + [1] * 7])  # positions restart at 0 for the real tokens
+    out = model(padded, segment_ids_BT=segments)
+    np.testing.assert_allclose(out.logits[:, 3:], model(seq).logits, atol=2e-5)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+def test_remat_gives_identical_logits_and_gradients(policy, x64):
+    """In float64, so that XLA fusing the rematerialised program differently (which moves float32
+    results by an ulp) cannot hide a real difference."""
+    tokens = _tokens((2, 8))
+    config = TINY.replace(dtype="float64", param_dtype="float64")
+
+    def loss_and_grads(config):
+        model = _model(config)
+
+        def loss_fn(model):
+            out = model(tokens)
+            return jnp.mean(jax.nn.log_softmax(out.logits)[..., 0]), out.logits
+
+        (_, logits), grads = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))(model)
+        return logits, nnx.state(grads)
+
+    logits, grads = loss_and_grads(config)
+    logits_r, grads_r = loss_and_grads(config.replace(remat_policy=policy))
+    np.testing.assert_allclose(logits_r, logits, rtol=1e-13, atol=1e-13)
+    for g, g_r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r), strict=True):
+        np.testing.assert_allclose(g_r, g, rtol=1e-12, atol=1e-14)
+
+
+def _lowered_text(n_layers: int, *, grad: bool) -> str:
+    config = TINY.replace(n_layers=n_layers, remat_policy="full")
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Dbrx(config, rngs=nnx.Rngs(0))))
+
+    def loss(state, tokens):
+        return jnp.mean(nnx.merge(graphdef, state)(tokens).logits)
+
+    fn = jax.grad(loss) if grad else loss
+    return jax.jit(fn).lower(state, jax.ShapeDtypeStruct((2, 16), jnp.int32)).as_text()
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["forward", "backward"])
+def test_layers_are_scanned_not_unrolled(grad):
+    two, sixteen = _lowered_text(2, grad=grad), _lowered_text(16, grad=grad)
+    assert len(sixteen) <= 1.2 * len(two), (len(two), len(sixteen))
+
+
+def test_jitter_key_changes_routing_only_with_eps():
+    tokens = _tokens((2, 8))
+    key = jax.random.key(0)
+    plain = _model()
+    np.testing.assert_array_equal(plain(tokens, jitter_key=key).logits, plain(tokens).logits)
+    jittery = _model(TINY.replace(moe_jitter_eps=0.3))
+    out = jittery(tokens, jitter_key=key)
+    assert not np.allclose(out.router.logits_BTE, jittery(tokens).router.logits_BTE)
+
+
+def test_unsupported_settings_are_refused():
+    with pytest.raises(NotImplementedError, match="resid_pdrop=0.1: dropout is not implemented"):
+        _model(TINY.replace(resid_pdrop=0.1))
+    with jax.enable_x64(False):
+        with pytest.raises(ValueError, match="jax_enable_x64"):
+            _model(TINY.replace(dtype="float64"))
+    with pytest.raises(ValueError, match="tokens_BT: expected integer ids"):
+        _model()(jnp.zeros((2, 3)))
