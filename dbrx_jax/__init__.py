@@ -1,6 +1,7 @@
 """dbrx_jax: Databricks' DBRX mixture-of-experts LLM in JAX / Flax NNX."""
 
 from dbrx_jax.config import PRESETS, DbrxConfig
+from dbrx_jax.hf import from_pretrained
 from dbrx_jax.model import Dbrx, DbrxOutput
 from dbrx_jax.moe import MoEOutput, RouterOutput, load_balancing_loss
 
@@ -11,5 +12,6 @@ __all__ = [
     "DbrxOutput",
     "MoEOutput",
     "RouterOutput",
+    "from_pretrained",
     "load_balancing_loss",
 ]
