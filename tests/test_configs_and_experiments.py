@@ -1,0 +1,68 @@
+"""Every config file loads into a valid model config; the entry points run."""
+
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from dbrx_jax import DbrxConfig
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CONFIG_FILES = sorted((ROOT / "configs").glob("*.py"))
+
+
+def test_there_are_configs():
+    assert {p.name for p in CONFIG_FILES} >= {"tiny.py", "demo.py"}
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.name for p in CONFIG_FILES])
+def test_config_file_loads(path):
+    spec = importlib.util.spec_from_file_location(f"configs.{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    model = DbrxConfig.from_config_dict(config.model)
+    assert model.num_params() > 0
+
+
+def test_unknown_model_key_is_refused_with_the_valid_ones():
+    cd = DbrxConfig.preset("dbrx-tiny").to_config_dict()
+    cd.n_layer = 3
+    with pytest.raises(ValueError, match=r"unknown model config key\(s\) \['n_layer'\].*n_layers"):
+        DbrxConfig.from_config_dict(cd)
+
+
+def test_model_info_runs_with_an_override():
+    result = subprocess.run(
+        [
+            sys.executable,
+            "experiments/model_info.py",
+            "--config=configs/tiny.py",
+            "--config.model.n_layers=3",
+            "--time",
+            "--seq_len=16",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    report = json.loads(result.stdout)
+    assert report["config"]["n_layers"] == 3
+    assert report["params"] == DbrxConfig.preset("dbrx-tiny", n_layers=3).num_params()
+    assert report["step_s"] > 0
+
+
+def test_model_info_rejects_unknown_flags():
+    result = subprocess.run(
+        [sys.executable, "experiments/model_info.py", "--config=configs/tiny.py", "--nope=1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0 and "nope" in result.stderr
