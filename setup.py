@@ -32,6 +32,6 @@ setup(
             "transformers>=5.0,<6",
             "torch==2.13.0",
         ],
-        "dev": ["ruff>=0.6"],
+        "dev": ["ruff>=0.6", "jupytext>=1.16"],
     },
 )
