@@ -26,7 +26,7 @@ from flax import nnx
 
 from dbrx_jax.config import DTYPES, DbrxConfig, read_hf_config
 from dbrx_jax.model import Dbrx
-from dbrx_jax.safetensors_io import SafetensorsCheckpoint
+from dbrx_jax.safetensors_io import FLOAT_DTYPES, SafetensorsCheckpoint
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer some third-party copies saved
 
@@ -99,85 +99,61 @@ class TensorMap:
         return "{i}" in self.hf_name
 
 
-_BLOCK = "transformer.blocks.{i}."
+def _vocab_shape(c: DbrxConfig) -> tuple[int, ...]:
+    return (c.vocab_size, c.d_model)
+
+
+def _norm_shape(c: DbrxConfig) -> tuple[int, ...]:
+    return (c.d_model,)
+
+
+def _wqkv_shape(c: DbrxConfig) -> tuple[int, ...]:
+    return (c.d_model + 2 * c.kv_n_heads * c.head_dim, c.d_model)
+
+
+def _out_shape(c: DbrxConfig) -> tuple[int, ...]:
+    return (c.d_model, c.d_model)
+
+
+def _router_shape(c: DbrxConfig) -> tuple[int, ...]:
+    return (c.moe_num_experts, c.d_model)
+
+
+def _experts_shape(c: DbrxConfig) -> tuple[int, ...]:
+    return (c.moe_num_experts * c.ffn_hidden_size, c.d_model)
+
+
+_ATTN = "transformer.blocks.{i}.norm_attn_norm."
+_FFN = "transformer.blocks.{i}.ffn."
+# fmt: off
 TENSOR_MAPS: tuple[TensorMap, ...] = (
-    TensorMap(
-        "transformer.wte.weight", ("wte",), lambda c: (c.vocab_size, c.d_model), _same, _same
-    ),
-    TensorMap(
-        _BLOCK + "norm_attn_norm.norm_1.weight",
-        ("blocks", "norm_1", "scale"),
-        lambda c: (c.d_model,),
-        _same,
-        _same,
-    ),
-    TensorMap(
-        _BLOCK + "norm_attn_norm.attn.Wqkv.weight",
-        ("blocks", "attn", "wqkv"),
-        lambda c: (c.d_model + 2 * c.kv_n_heads * c.head_dim, c.d_model),
-        _wqkv_to_ours,
-        _wqkv_to_hf,
-    ),
-    TensorMap(
-        _BLOCK + "norm_attn_norm.attn.out_proj.weight",
-        ("blocks", "attn", "out"),
-        lambda c: (c.d_model, c.d_model),
-        _out_to_ours,
-        _out_to_hf,
-    ),
-    TensorMap(
-        _BLOCK + "norm_attn_norm.norm_2.weight",
-        ("blocks", "norm_2", "scale"),
-        lambda c: (c.d_model,),
-        _same,
-        _same,
-    ),
-    TensorMap(
-        _BLOCK + "ffn.router.layer.weight",
-        ("blocks", "ffn", "router"),
-        lambda c: (c.moe_num_experts, c.d_model),
-        _transpose,
-        _transpose,
-    ),
-    TensorMap(
-        _BLOCK + "ffn.experts.mlp.w1",
-        ("blocks", "ffn", "w1"),
-        lambda c: (c.moe_num_experts * c.ffn_hidden_size, c.d_model),
-        _experts_EDF,
-        _experts_EDF_to_hf,
-    ),
-    TensorMap(
-        _BLOCK + "ffn.experts.mlp.v1",
-        ("blocks", "ffn", "v1"),
-        lambda c: (c.moe_num_experts * c.ffn_hidden_size, c.d_model),
-        _experts_EDF,
-        _experts_EDF_to_hf,
-    ),
-    TensorMap(
-        _BLOCK + "ffn.experts.mlp.w2",
-        ("blocks", "ffn", "w2"),
-        lambda c: (c.moe_num_experts * c.ffn_hidden_size, c.d_model),
-        _experts_EFD,
-        _experts_EFD_to_hf,
-    ),
-    TensorMap(
-        "transformer.norm_f.weight", ("norm_f", "scale"), lambda c: (c.d_model,), _same, _same
-    ),
-    TensorMap(
-        "lm_head.weight", ("lm_head",), lambda c: (c.vocab_size, c.d_model), _transpose, _transpose
-    ),
+    TensorMap("transformer.wte.weight", ("wte",), _vocab_shape, _same, _same),
+    TensorMap(_ATTN + "norm_1.weight", ("blocks", "norm_1", "scale"), _norm_shape, _same, _same),
+    TensorMap(_ATTN + "attn.Wqkv.weight", ("blocks", "attn", "wqkv"), _wqkv_shape,
+              _wqkv_to_ours, _wqkv_to_hf),
+    TensorMap(_ATTN + "attn.out_proj.weight", ("blocks", "attn", "out"), _out_shape,
+              _out_to_ours, _out_to_hf),
+    TensorMap(_ATTN + "norm_2.weight", ("blocks", "norm_2", "scale"), _norm_shape, _same, _same),
+    TensorMap(_FFN + "router.layer.weight", ("blocks", "ffn", "router"), _router_shape,
+              _transpose, _transpose),
+    TensorMap(_FFN + "experts.mlp.w1", ("blocks", "ffn", "w1"), _experts_shape,
+              _experts_EDF, _experts_EDF_to_hf),
+    TensorMap(_FFN + "experts.mlp.v1", ("blocks", "ffn", "v1"), _experts_shape,
+              _experts_EDF, _experts_EDF_to_hf),
+    TensorMap(_FFN + "experts.mlp.w2", ("blocks", "ffn", "w2"), _experts_shape,
+              _experts_EFD, _experts_EFD_to_hf),
+    TensorMap("transformer.norm_f.weight", ("norm_f", "scale"), _norm_shape, _same, _same),
+    TensorMap("lm_head.weight", ("lm_head",), _vocab_shape, _transpose, _transpose),
 )
+# fmt: on
 
 
-def expected_hf_tensors(config: DbrxConfig) -> dict[str, tuple[TensorMap, int | None]]:
-    """Every tensor name of a checkpoint of this config -> (its row, its layer or None)."""
-    names: dict[str, tuple[TensorMap, int | None]] = {}
+def expected_hf_tensors(config: DbrxConfig) -> dict[str, TensorMap]:
+    """Every tensor name of a checkpoint of this config -> its row."""
+    names: dict[str, TensorMap] = {}
     for row in TENSOR_MAPS:
-        if row.per_layer:
-            for i in range(config.n_layers):
-                names[row.hf_name.format(i=i)] = (row, i)
-        else:
-            names[row.hf_name] = (row, None)
+        layers = range(config.n_layers) if row.per_layer else [None]
+        names.update((row.hf_name.format(i=i), row) for i in layers)
     return names
 
 
@@ -185,7 +161,7 @@ def check_hf_checkpoint(ckpt: SafetensorsCheckpoint, config: DbrxConfig) -> None
     """Every expected tensor is present with the expected shape and a float dtype, and nothing
     else is there; otherwise a ValueError naming the tensor, its file and the expected shape."""
     expected = expected_hf_tensors(config)
-    for name, (row, _) in expected.items():
+    for name, row in expected.items():
         if name not in ckpt:
             raise ValueError(
                 f"{ckpt.directory}: missing tensor {name!r} (expected shape "
@@ -197,7 +173,7 @@ def check_hf_checkpoint(ckpt: SafetensorsCheckpoint, config: DbrxConfig) -> None
                 f"{ckpt.path_of(name)}: tensor {name!r} has shape {list(shape)}, "
                 f"expected {list(row.hf_shape(config))}"
             )
-        if not np.issubdtype(dtype, np.floating) and dtype.kind != "V":
+        if dtype not in FLOAT_DTYPES:
             raise ValueError(
                 f"{ckpt.path_of(name)}: tensor {name!r} has dtype {dtype}, "
                 "expected a floating-point dtype"
@@ -231,6 +207,10 @@ def _checkpoint_dtype(hf_dir: str) -> str:
     return name if name in DTYPES else "float32"
 
 
+def _params(model: Dbrx) -> dict[tuple[str, ...], nnx.Param]:
+    return {path: v for path, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)}
+
+
 def from_pretrained(
     path: str | os.PathLike, dtype: str | None = None, param_dtype: str | None = None, **overrides
 ) -> Dbrx:
@@ -247,7 +227,7 @@ def from_pretrained(
     ckpt = SafetensorsCheckpoint(path)
     check_hf_checkpoint(ckpt, config)
     model = nnx.eval_shape(lambda: Dbrx(config, rngs=nnx.Rngs(0)))
-    params = {path: var for path, var in nnx.iter_graph(model) if isinstance(var, nnx.Param)}
+    params = _params(model)
     for row in TENSOR_MAPS:
         variable = params[row.path]
         value = load_param(ckpt, row, config, np.dtype(config.weight_dtype))
@@ -260,11 +240,10 @@ def from_pretrained(
 
 
 def hf_state_dict(model: Dbrx) -> dict[str, np.ndarray]:
-    """The model's parameters as Hugging Face tensors (names and layouts), in their stored dtype.
-
-    Host numpy arrays; for checkpoints too large for host memory use the streaming converter."""
+    """The model's parameters as Hugging Face tensors (names and layouts), in their stored dtype,
+    as host numpy arrays (the whole model at once)."""
     config = model.config
-    params = {path: var for path, var in nnx.iter_graph(model) if isinstance(var, nnx.Param)}
+    params = _params(model)
     tensors: dict[str, np.ndarray] = {}
     for row in TENSOR_MAPS:
         value = np.asarray(params[row.path].get_value())

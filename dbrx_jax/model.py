@@ -15,15 +15,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from dbrx_jax.config import DbrxConfig
+from dbrx_jax.config import REMAT_POLICIES, DbrxConfig
 from dbrx_jax.layers import Attention, LayerNorm, attention_mask, param, rope_tables
 from dbrx_jax.moe import MoE, RouterOutput
 
-REMAT_POLICIES = {
+# DbrxConfig.remat_policy -> what jax.checkpoint may save of each block ("none": no remat).
+CHECKPOINT_POLICIES = {
     "full": None,  # save nothing but the block's inputs
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+assert {"none", *CHECKPOINT_POLICIES} == set(REMAT_POLICIES)
 
 
 @struct.dataclass
@@ -166,6 +168,6 @@ class Dbrx(nnx.Module):
 
         if self.config.remat_policy != "none":
             body = jax.checkpoint(
-                body, policy=REMAT_POLICIES[self.config.remat_policy], prevent_cse=False
+                body, policy=CHECKPOINT_POLICIES[self.config.remat_policy], prevent_cse=False
             )
         return jax.lax.scan(body, h_BTD, (stacked_state, keys_L))

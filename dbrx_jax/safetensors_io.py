@@ -30,6 +30,9 @@ DTYPES = {
     "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
 }
+FLOAT_DTYPES = frozenset(
+    DTYPES[name] for name in ("BF16", "F16", "F32", "F64", "F8_E4M3", "F8_E5M2")
+)
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _MAX_HEADER_BYTES = 100 * 1024 * 1024

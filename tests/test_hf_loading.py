@@ -151,3 +151,10 @@ def test_index_naming_a_missing_shard(hf_dir, tmp_path):
     victim.unlink()
     with pytest.raises(FileNotFoundError, match=f"{victim.name}: listed in"):
         dbrx_jax.from_pretrained(tmp_path)
+
+
+def test_integer_tensor_is_refused(hf_dir, tmp_path):
+    tensors = _tensors(hf_dir)
+    tensors["transformer.norm_f.weight"] = np.ones(64, np.int32)
+    with pytest.raises(ValueError, match=r"'transformer.norm_f.weight' has dtype int32, expected"):
+        dbrx_jax.from_pretrained(_write(tmp_path, tensors, hf_dir))
