@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.py pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n auto tests
 
 lint: install
 	$(BIN)/ruff check .

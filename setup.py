@@ -29,6 +29,7 @@ setup(
         # The parity reference: real transformers on CPU torch (never imported by the library).
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3",
             "transformers>=5.0,<6",
             "torch==2.13.0",
         ],

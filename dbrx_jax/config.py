@@ -24,7 +24,8 @@ DTYPES = {
     "float64": jnp.float64,
 }
 ATTENTION_IMPLS = ("xla", "cudnn", "reference")
-MOE_IMPLS = ("dense",)
+MOE_IMPLS = ("auto", "dense", "dropless", "capacity")  # see moe_dispatch.py
+GMM_IMPLS = ("auto", "ragged_dot", "tokamax", "megablox", "blocked")  # see gmm.py
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 
@@ -75,7 +76,10 @@ class DbrxConfig:
     param_dtype: str = "float32"  # stored parameters (the master copy when training)
     remat_policy: str = "none"  # one of REMAT_POLICIES, applied to each scanned block
     attention_impl: str = "xla"  # one of ATTENTION_IMPLS
-    moe_impl: str = "dense"  # one of MOE_IMPLS
+    moe_impl: str = "auto"  # one of MOE_IMPLS: auto is dropless (exact)
+    gmm_impl: str = "auto"  # grouped GEMM of the dropless path, one of GMM_IMPLS
+    capacity_factor: float = 1.0  # of the capacity path: slots per expert = cf * T * k / E
+    router_z_loss_weight: float = 0.0  # ST-MoE's z-loss; DBRX was trained without
 
     def __post_init__(self):
         def need(ok: bool, field: str, expected: str):
@@ -132,6 +136,9 @@ class DbrxConfig:
         need(self.remat_policy in REMAT_POLICIES, "remat_policy", f"one of {REMAT_POLICIES}")
         need(self.attention_impl in ATTENTION_IMPLS, "attention_impl", f"one of {ATTENTION_IMPLS}")
         need(self.moe_impl in MOE_IMPLS, "moe_impl", f"one of {MOE_IMPLS}")
+        need(self.gmm_impl in GMM_IMPLS, "gmm_impl", f"one of {GMM_IMPLS}")
+        need(self.capacity_factor > 0, "capacity_factor", "a positive number")
+        need(self.router_z_loss_weight >= 0, "router_z_loss_weight", "a number >= 0")
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
 

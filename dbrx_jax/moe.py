@@ -1,10 +1,8 @@
-"""DBRX's mixture-of-experts FFN: the router, the GLU experts, and the dispatch.
+"""DBRX's mixture-of-experts FFN: the router, the GLU experts, and the losses and statistics of
+the routing. How tokens reach their experts (dense / dropless / capacity) is moe_dispatch.py.
 
-Shape legend: B batch, T tokens, D d_model, E experts, F expert hidden size, A the top_k
-active slots of a token, L layers.
-
-The dispatch implementations sit behind `DbrxConfig.moe_impl`. `dense` is the simple exact
-reference: every expert runs on every token and the outputs are mixed with the sparse gate.
+Shape legend: B batch, T tokens, D d_model, E experts, F expert hidden size, A the top_k active
+slots of a token, L layers (the model stacks every layer's `RouterOutput`).
 """
 
 from __future__ import annotations
@@ -15,6 +13,7 @@ from flax import nnx, struct
 
 from dbrx_jax.config import DbrxConfig
 from dbrx_jax.layers import at_least_fp32, param
+from dbrx_jax.moe_dispatch import experts
 
 ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -26,16 +25,18 @@ ACTIVATIONS = {
 
 @struct.dataclass
 class RouterOutput:
-    """What the router decided for each token; per layer, stacked to `[L, ...]` by the model.
+    """What the router decided for each token (per layer; `[L, ...]` once stacked by the model).
 
     logits_BTE: router logits in fp32 (softmax them for the probabilities).
     expert_ids_BTA: the top_k experts chosen, by decreasing probability (int32).
     weights_BTA: their mixing weights after the p-norm renormalisation (fp32).
+    dropped_BTA: assignments the capacity path dropped (always False for the exact paths).
     """
 
     logits_BTE: jax.Array
     expert_ids_BTA: jax.Array
     weights_BTA: jax.Array
+    dropped_BTA: jax.Array
 
     @property
     def probs_BTE(self) -> jax.Array:
@@ -85,35 +86,8 @@ def route(
         logits_BTE=logits_BTE,
         expert_ids_BTA=expert_ids_BTA.astype(jnp.int32),
         weights_BTA=weights_BTA,
+        dropped_BTA=jnp.zeros(expert_ids_BTA.shape, bool),
     )
-
-
-def dense_experts(
-    x_BTD: jax.Array,
-    routing: RouterOutput,
-    w1_EDF: jax.Array,
-    v1_EDF: jax.Array,
-    w2_EFD: jax.Array,
-    act,
-) -> jax.Array:
-    """The reference dispatch: every expert on every token, mixed by the sparse gate.
-
-    1. gate_BTE: the renormalised weight of each chosen expert, zero elsewhere.
-    2. y_e = (act(x @ w1_e) * (x @ v1_e)) @ w2_e for every expert e (w2 is `[E, F, D]`).
-    3. y = sum_e gate_e * y_e, in fp32, cast back to the activation dtype.
-    E / top_k times the FLOPs of a sparse dispatch: for tests and small models only.
-    """
-    num_experts = w1_EDF.shape[0]
-    one_hot_BTAE = jax.nn.one_hot(
-        routing.expert_ids_BTA, num_experts, dtype=routing.weights_BTA.dtype
-    )
-    gate_BTE = jnp.einsum("BTA,BTAE->BTE", routing.weights_BTA, one_hot_BTAE)
-    gate_up_BTEF = act(jnp.einsum("BTD,EDF->BTEF", x_BTD, w1_EDF))
-    hidden_BTEF = gate_up_BTEF * jnp.einsum("BTD,EDF->BTEF", x_BTD, v1_EDF)
-    y_BTED = jnp.einsum("BTEF,EFD->BTED", hidden_BTEF, w2_EFD)
-    acc_dtype = at_least_fp32(x_BTD.dtype)
-    y_BTD = jnp.einsum("BTE,BTED->BTD", gate_BTE.astype(acc_dtype), y_BTED.astype(acc_dtype))
-    return y_BTD.astype(x_BTD.dtype)
 
 
 class MoE(nnx.Module):
@@ -127,28 +101,45 @@ class MoE(nnx.Module):
         self.w1 = param(rngs, (E, D, F), ("expert", "embed", "mlp"), c, std=std)
         self.v1 = param(rngs, (E, D, F), ("expert", "embed", "mlp"), c, std=std)
         self.w2 = param(rngs, (E, F, D), ("expert", "mlp", "embed"), c, std=std)
-        self.top_k = c.moe_top_k
-        self.normalize_p = c.moe_normalize_expert_weights
-        self.jitter_eps = c.moe_jitter_eps
-        self.act = ACTIVATIONS[c.ffn_act_fn]
-        self.impl = c.moe_impl
-        self.dtype = c.compute_dtype
+        self.config = c
 
     def __call__(self, x_BTD: jax.Array, jitter_key: jax.Array | None = None) -> MoEOutput:
+        c = self.config
         routing = route(
             x_BTD,
             self.router[...],
-            top_k=self.top_k,
-            normalize_p=self.normalize_p,
-            jitter_eps=self.jitter_eps,
+            top_k=c.moe_top_k,
+            normalize_p=c.moe_normalize_expert_weights,
+            jitter_eps=c.moe_jitter_eps,
             jitter_key=jitter_key,
         )
-        w1, v1, w2 = (w[...].astype(self.dtype) for w in (self.w1, self.v1, self.w2))
-        if self.impl == "dense":
-            y_BTD = dense_experts(x_BTD, routing, w1, v1, w2, self.act)
-        else:
-            raise ValueError(f"moe_impl {self.impl!r}: expected 'dense'")
-        return MoEOutput(y_BTD=y_BTD, router=routing)
+        B, T, D = x_BTD.shape
+        w1, v1, w2 = (w[...].astype(c.compute_dtype) for w in (self.w1, self.v1, self.w2))
+        y_ND, dropped_NA = experts(
+            x_BTD.reshape(B * T, D),
+            routing.expert_ids_BTA.reshape(B * T, -1),
+            routing.weights_BTA.reshape(B * T, -1),
+            w1,
+            v1,
+            w2,
+            act=ACTIVATIONS[c.ffn_act_fn],
+            impl=c.moe_impl,
+            gmm_impl=c.gmm_impl,
+            capacity_factor=c.capacity_factor,
+        )
+        routing = routing.replace(dropped_BTA=dropped_NA.reshape(B, T, -1))
+        return MoEOutput(y_BTD=y_ND.reshape(B, T, D), router=routing)
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses and statistics of the routing, from the stacked per-layer RouterOutput.
+
+
+def _mask(router: RouterOutput, token_mask_BT: jax.Array | None) -> jax.Array:
+    shape = router.logits_BTE.shape[1:3]
+    return (
+        jnp.ones(shape, jnp.float32) if token_mask_BT is None else token_mask_BT.astype(jnp.float32)
+    )
 
 
 def load_balancing_loss(
@@ -163,17 +154,63 @@ def load_balancing_loss(
     (transformers computes a different, Mixtral-style loss; the two are not equal.)
     """
     L, _, _, top_k = router.expert_ids_BTA.shape
-    probs_LBTE = router.probs_BTE
-    mask_BT = (
-        jnp.ones(probs_LBTE.shape[1:3], probs_LBTE.dtype)
-        if token_mask_BT is None
-        else token_mask_BT.astype(probs_LBTE.dtype)
-    )
+    mask_BT = _mask(router, token_mask_BT)
     n_tokens = jnp.maximum(mask_BT.sum(), 1.0)
-    counts_LE = jnp.einsum(
-        "LBTAE,BT->LE",
-        jax.nn.one_hot(router.expert_ids_BTA, num_experts, dtype=mask_BT.dtype),
-        mask_BT,
-    )
-    mean_probs_LE = jnp.einsum("LBTE,BT->LE", probs_LBTE, mask_BT) / n_tokens
+    counts_LE = _assignments_per_expert(router, num_experts, mask_BT)
+    mean_probs_LE = jnp.einsum("LBTE,BT->LE", router.probs_BTE, mask_BT) / n_tokens
     return num_experts / (L * n_tokens * top_k) * jnp.sum(counts_LE * mean_probs_LE)
+
+
+def router_z_loss(router: RouterOutput, token_mask_BT: jax.Array | None = None) -> jax.Array:
+    """ST-MoE's z-loss: the mean over layers and real tokens of logsumexp(router logits)^2."""
+    mask_BT = _mask(router, token_mask_BT)
+    z_LBT = jax.nn.logsumexp(router.logits_BTE, axis=-1)
+    per_layer_L = jnp.einsum("LBT,BT->L", z_LBT**2, mask_BT) / jnp.maximum(mask_BT.sum(), 1.0)
+    return per_layer_L.mean()
+
+
+def moe_aux_loss(
+    router: RouterOutput, config: DbrxConfig, token_mask_BT: jax.Array | None = None
+) -> jax.Array:
+    """What training adds to the LM loss: the weighted load-balancing and z-losses."""
+    loss = config.moe_loss_weight * load_balancing_loss(
+        router, config.moe_num_experts, token_mask_BT
+    )
+    if config.router_z_loss_weight:
+        loss = loss + config.router_z_loss_weight * router_z_loss(router, token_mask_BT)
+    return loss
+
+
+@struct.dataclass
+class MoEStats:
+    """Per layer: assignments per expert, the busiest expert's load over the mean (1.0 is
+    perfect balance), the mean entropy of the router's distribution (nats), and the fraction of
+    assignments dropped (capacity path only)."""
+
+    tokens_per_expert_LE: jax.Array
+    max_over_mean_load_L: jax.Array
+    router_entropy_L: jax.Array
+    dropped_fraction_L: jax.Array
+
+
+def moe_stats(
+    router: RouterOutput, num_experts: int, token_mask_BT: jax.Array | None = None
+) -> MoEStats:
+    mask_BT = _mask(router, token_mask_BT)
+    n_tokens = jnp.maximum(mask_BT.sum(), 1.0)
+    counts_LE = _assignments_per_expert(router, num_experts, mask_BT)
+    log_probs_LBTE = jax.nn.log_softmax(router.logits_BTE, axis=-1)
+    entropy_LBT = -jnp.sum(jnp.exp(log_probs_LBTE) * log_probs_LBTE, axis=-1)
+    top_k = router.expert_ids_BTA.shape[-1]
+    dropped_L = jnp.einsum("LBTA,BT->L", router.dropped_BTA.astype(jnp.float32), mask_BT)
+    return MoEStats(
+        tokens_per_expert_LE=counts_LE,
+        max_over_mean_load_L=counts_LE.max(-1) / jnp.maximum(counts_LE.mean(-1), 1e-9),
+        router_entropy_L=jnp.einsum("LBT,BT->L", entropy_LBT, mask_BT) / n_tokens,
+        dropped_fraction_L=dropped_L / (n_tokens * top_k),
+    )
+
+
+def _assignments_per_expert(router, num_experts, mask_BT):
+    one_hot_LBTAE = jax.nn.one_hot(router.expert_ids_BTA, num_experts, dtype=mask_BT.dtype)
+    return jnp.einsum("LBTAE,BT->LE", one_hot_LBTAE, mask_BT)

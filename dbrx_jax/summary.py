@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import jax
@@ -11,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 from dbrx_jax import flops
+from dbrx_jax.bench import time_call
 from dbrx_jax.config import DbrxConfig
 from dbrx_jax.model import Dbrx
 
@@ -43,13 +43,7 @@ def time_forward(
     lowered_at = time.perf_counter()
     compiled = lowered.compile()
     compiled_at = time.perf_counter()
-    compiled(state, tokens).block_until_ready()  # warm-up
-    steps = []
-    for _ in range(iters):
-        step_start = time.perf_counter()
-        compiled(state, tokens).block_until_ready()
-        steps.append(time.perf_counter() - step_start)
-    step = statistics.median(steps)
+    step = time_call(compiled, state, tokens, iters=iters)
     return {
         "lower_s": lowered_at - start,
         "compile_s": compiled_at - lowered_at,

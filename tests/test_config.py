@@ -162,6 +162,12 @@ def test_replace_and_knob_validation():
         c.replace(n_layer=3)
     with pytest.raises(ValueError, match="attention_impl='flash'"):
         c.replace(attention_impl="flash")
+    with pytest.raises(ValueError, match="moe_impl='sparse': expected one of"):
+        c.replace(moe_impl="sparse")
+    with pytest.raises(ValueError, match="gmm_impl='cutlass'"):
+        c.replace(gmm_impl="cutlass")
+    with pytest.raises(ValueError, match="capacity_factor=0"):
+        c.replace(capacity_factor=0)
     with pytest.raises(ValueError, match="unknown DBRX preset 'dbrx-huge'"):
         DbrxConfig.preset("dbrx-huge")
     assert DbrxConfig.from_json(c.to_json()) == c

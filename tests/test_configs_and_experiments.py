@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -66,3 +67,48 @@ def test_model_info_rejects_unknown_flags():
         timeout=300,
     )
     assert result.returncode != 0 and "nope" in result.stderr
+
+
+def test_bench_moe_runs_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "experiments/bench_moe.py",
+            "--tokens=64",
+            "--d_model=16",
+            "--ffn=24",
+            "--iters=1",
+            "--impls=dense,dropless,capacity",
+            f"--json_out={out}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert "fwd+bwd ms" in result.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["matmul (ceiling)"] + ["dense", "dropless", "capacity"] * 2
+    assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in rows)
+
+
+def test_gpu_bench_script_smoke_mode(tmp_path):
+    env = {
+        **os.environ,
+        "SMOKE": "1",
+        "OUT": str(tmp_path),
+        "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    subprocess.run(
+        ["bash", "experiments/gpu_bench_moe.sh"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    rows = json.loads((tmp_path / "bench_moe.json").read_text())["rows"]
+    assert {r["impl"] for r in rows} == {"matmul (ceiling)", "dense", "dropless", "capacity"}

@@ -7,7 +7,16 @@ import pytest
 from flax import nnx
 
 from dbrx_jax import DbrxConfig
-from dbrx_jax.moe import MoE, RouterOutput, dense_experts, load_balancing_loss, route
+from dbrx_jax.moe import (
+    MoE,
+    RouterOutput,
+    load_balancing_loss,
+    moe_aux_loss,
+    moe_stats,
+    route,
+    router_z_loss,
+)
+from dbrx_jax.moe_dispatch import experts
 
 RNG = np.random.RandomState(0)
 B, T, D, E, F = 2, 7, 16, 8, 12
@@ -55,37 +64,49 @@ def test_jitter_scales_only_the_router_input():
     np.testing.assert_allclose(jittered.router.logits_BTE, expected.logits_BTE, rtol=1e-6)
     # ... while the experts computed on the clean x.
     w1, v1, w2 = moe.w1[...], moe.v1[...], moe.w2[...]
-    y = dense_experts(x, jittered.router, w1, v1, w2, jax.nn.silu)
-    np.testing.assert_allclose(jittered.y_BTD, y, rtol=1e-6)
+    y, _ = experts(
+        x.reshape(B * T, -1),
+        jittered.router.expert_ids_BTA.reshape(B * T, -1),
+        jittered.router.weights_BTA.reshape(B * T, -1),
+        w1,
+        v1,
+        w2,
+        act=jax.nn.silu,
+    )
+    np.testing.assert_allclose(jittered.y_BTD, y.reshape(x.shape), rtol=1e-6)
     # No key, or eps 0 / None: no jitter.
     for eps in (0.0, None):
         calm = MoE(config.replace(moe_jitter_eps=eps), rngs=nnx.Rngs(0))
         np.testing.assert_array_equal(calm(x, jitter_key=key).y_BTD, clean.y_BTD)
 
 
-def test_dense_experts_equal_a_per_token_loop():
-    x = RNG.randn(B, T, D)
+@pytest.mark.parametrize("impl", ["dense", "dropless", "capacity"])
+def test_experts_equal_a_per_token_loop(impl):
+    x = RNG.randn(B * T, D)
     w1, v1 = RNG.randn(E, D, F) / 4, RNG.randn(E, D, F) / 4
     w2 = RNG.randn(E, F, D) / 4
     routing = route(
-        jnp.asarray(x, jnp.float32),
+        jnp.asarray(x[None], jnp.float32),
         jnp.asarray(RNG.randn(D, E), jnp.float32),
         top_k=3,
         normalize_p=1.0,
     )
-    y = dense_experts(
-        *(jnp.asarray(a, jnp.float32) for a in (x,)),
-        routing,
+    ids, weights = routing.expert_ids_BTA[0], routing.weights_BTA[0]
+    y, dropped = experts(
+        jnp.asarray(x, jnp.float32),
+        ids,
+        weights,
         *(jnp.asarray(a, jnp.float32) for a in (w1, v1, w2)),
-        jax.nn.silu,
+        act=jax.nn.silu,
+        impl=impl,
+        capacity_factor=E / 3,
     )
-    ids, weights = np.asarray(routing.expert_ids_BTA), np.asarray(routing.weights_BTA)
+    assert not dropped.any()
     expected = np.zeros_like(x)
-    for b in range(B):
-        for t in range(T):
-            for e, g in zip(ids[b, t], weights[b, t], strict=True):
-                gate = x[b, t] @ w1[e]
-                expected[b, t] += g * ((gate / (1 + np.exp(-gate)) * (x[b, t] @ v1[e])) @ w2[e])
+    for t in range(B * T):
+        for e, g in zip(np.asarray(ids[t]), np.asarray(weights[t]), strict=True):
+            gate = x[t] @ w1[e]
+            expected[t] += g * ((gate / (1 + np.exp(-gate)) * (x[t] @ v1[e])) @ w2[e])
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -97,6 +118,7 @@ def _stacked_routing(L, top_k, seed=0):
         logits_BTE=jnp.asarray(logits),
         expert_ids_BTA=jnp.asarray(ids),
         weights_BTA=jnp.ones(ids.shape, jnp.float32) / top_k,
+        dropped_BTA=jnp.zeros(ids.shape, bool),
     )
 
 
@@ -126,5 +148,60 @@ def test_load_balancing_loss_is_one_when_perfectly_balanced():
         logits_BTE=jnp.zeros((L, B, tokens, E)),
         expert_ids_BTA=jnp.asarray(ids),
         weights_BTA=jnp.full(ids.shape, 0.5),
+        dropped_BTA=jnp.zeros(ids.shape, bool),
     )
     assert float(load_balancing_loss(routing, E)) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_z_loss_stats_and_weighted_aux_loss():
+    L, k = 2, 2
+    routing = _stacked_routing(L, k, seed=3)
+    dropped = np.zeros((L, B, T, k), bool)
+    dropped[0, 0, :3, 1] = True  # 3 of layer 0's assignments were dropped
+    routing = routing.replace(dropped_BTA=jnp.asarray(dropped))
+    mask = np.ones((B, T), bool)
+    mask[0, 0] = False  # ... one of them on a padding token, which counts nowhere
+    logits = np.asarray(routing.logits_BTE, np.float64)
+    lse = np.log(np.exp(logits).sum(-1))
+    assert float(router_z_loss(routing, jnp.asarray(mask))) == pytest.approx(
+        np.mean([(lse[layer][mask] ** 2).mean() for layer in range(L)]), rel=1e-5
+    )
+
+    stats = moe_stats(routing, E, jnp.asarray(mask))
+    ids = np.asarray(routing.expert_ids_BTA)
+    for layer in range(L):
+        counts = np.bincount(ids[layer][mask].ravel(), minlength=E)
+        np.testing.assert_array_equal(stats.tokens_per_expert_LE[layer], counts)
+        assert float(stats.max_over_mean_load_L[layer]) == pytest.approx(
+            counts.max() / counts.mean()
+        )
+        p = _softmax(logits[layer])
+        entropy = -(p * np.log(p)).sum(-1)[mask].mean()
+        assert float(stats.router_entropy_L[layer]) == pytest.approx(entropy, rel=1e-5)
+    np.testing.assert_allclose(stats.dropped_fraction_L, [2 / (mask.sum() * k), 0.0], rtol=1e-6)
+
+    config = DbrxConfig.preset(
+        "dbrx-tiny", moe_num_experts=E, moe_top_k=k, moe_loss_weight=0.05, router_z_loss_weight=1e-3
+    )
+    lb = float(load_balancing_loss(routing, E, jnp.asarray(mask)))
+    z = float(router_z_loss(routing, jnp.asarray(mask)))
+    assert float(moe_aux_loss(routing, config, jnp.asarray(mask))) == pytest.approx(
+        0.05 * lb + 1e-3 * z, rel=1e-6
+    )
+
+
+@pytest.mark.parametrize("impl", ["dropless", "capacity"])
+def test_model_level_impls_equal_dense(impl):
+    from dbrx_jax import Dbrx
+
+    config = DbrxConfig.preset("dbrx-tiny", capacity_factor=4.0)  # E / k: nothing dropped
+    tokens = jnp.asarray(RNG.randint(0, config.vocab_size, (2, 10)), jnp.int32)
+    dense = Dbrx(config.replace(moe_impl="dense"), rngs=nnx.Rngs(0))(tokens)
+    other = Dbrx(config.replace(moe_impl=impl), rngs=nnx.Rngs(0))(tokens)
+    np.testing.assert_allclose(other.logits, dense.logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(other.router.expert_ids_BTA, dense.router.expert_ids_BTA)
+    assert not other.router.dropped_BTA.any()
+    # At capacity factor 0.5 the capacity path must drop, and says so.
+    tight = Dbrx(config.replace(moe_impl="capacity", capacity_factor=0.5), rngs=nnx.Rngs(0))
+    stats = moe_stats(tight(tokens).router, config.moe_num_experts)
+    assert float(stats.dropped_fraction_L.max()) > 0

@@ -1,0 +1,155 @@
+"""Timing helpers and the MoE dispatch benchmark (driven by experiments/bench_moe.py)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dbrx_jax.moe import ACTIVATIONS
+from dbrx_jax.moe_dispatch import experts
+
+
+def time_call(fn: Callable, *args, iters: int = 5, warmup: int = 1) -> float:
+    """Median seconds of `fn(*args)` (outputs blocked on), after `warmup` untimed calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def routing(
+    kind: str, tokens: int, experts: int, top_k: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Expert ids `[T, A]` (distinct per token) and renormalised weights `[T, A]`.
+
+    balanced: every expert gets exactly T * k / E assignments (round robin).
+    skewed: experts drawn with Zipf-like popularity p_e ~ 1 / (e + 1): the first two experts
+      take about a third of all assignments, the way an unbalanced router behaves early on.
+    """
+    rng = np.random.RandomState(seed)
+    if kind == "balanced":
+        ids = (np.arange(tokens)[:, None] * top_k + np.arange(top_k)) % experts
+    elif kind == "skewed":
+        log_p = -np.log(np.arange(1, experts + 1))
+        gumbel = rng.gumbel(size=(tokens, experts))
+        ids = np.argsort(-(log_p + gumbel), axis=1)[:, :top_k]  # sampling without replacement
+    else:
+        raise ValueError(f"routing {kind!r}: expected 'balanced' or 'skewed'")
+    weights = rng.dirichlet(np.ones(top_k), size=tokens)
+    return ids.astype(np.int32), weights.astype(np.float32)
+
+
+def moe_benchmark(
+    *,
+    tokens: int,
+    d_model: int,
+    ffn: int,
+    num_experts: int,
+    top_k: int,
+    dtype: str,
+    impls: Sequence[str],
+    routings: Sequence[str],
+    capacity_factor: float = 1.0,
+    iters: int = 5,
+    act: str = "silu",
+) -> list[dict]:
+    """Forward and forward+backward time of each dispatch `impl` ("dense", "capacity",
+    "dropless" or "dropless:<gmm_impl>"), next to a plain matmul of the same FLOPs.
+
+    The backward is a VJP with a random cotangent: a `.sum()` loss would let XLA skip work."""
+    dt = jnp.dtype(dtype)
+    rng = np.random.RandomState(0)
+    x = jnp.asarray(rng.randn(tokens, d_model), dt)
+    w1, v1 = (jnp.asarray(rng.randn(num_experts, d_model, ffn) / d_model**0.5, dt) for _ in "wv")
+    w2 = jnp.asarray(rng.randn(num_experts, ffn, d_model) / ffn**0.5, dt)
+    cotangent = jnp.asarray(rng.randn(tokens, d_model), dt)
+    flops_fwd = 2 * tokens * top_k * 3 * d_model * ffn
+    rows = []
+
+    lhs = jnp.asarray(rng.randn(tokens * top_k, d_model), dt)
+    rhs = jnp.asarray(rng.randn(d_model, 3 * ffn), dt)
+    matmul = jax.jit(jnp.matmul)
+    matmul_vjp = jax.jit(lambda a, b, g: jax.vjp(jnp.matmul, a, b)[1](g))
+    g_out = jnp.asarray(rng.randn(tokens * top_k, 3 * ffn), dt)
+    rows.append(
+        _row(
+            "matmul (ceiling)",
+            "-",
+            time_call(matmul, lhs, rhs, iters=iters),
+            time_call(matmul_vjp, lhs, rhs, g_out, iters=iters),
+            flops_fwd,
+            0.0,
+        )
+    )
+    for kind in routings:
+        ids_np, weights_np = routing(kind, tokens, num_experts, top_k)
+        ids, weights = jnp.asarray(ids_np), jnp.asarray(weights_np)
+        for name in impls:
+            impl, _, gmm_impl = name.partition(":")
+
+            def forward(x, weights, w1, v1, w2, ids=ids, impl=impl, gmm_impl=gmm_impl or "auto"):
+                return experts(
+                    x,
+                    ids,
+                    weights,
+                    w1,
+                    v1,
+                    w2,
+                    act=ACTIVATIONS[act],
+                    impl=impl,
+                    gmm_impl=gmm_impl,
+                    capacity_factor=capacity_factor,
+                )
+
+            fwd = jax.jit(forward)
+            fwd_bwd = jax.jit(
+                lambda args, g, forward=forward: jax.vjp(lambda *a: forward(*a)[0], *args)[1](g)
+            )
+            args = (x, weights, w1, v1, w2)
+            dropped = float(jnp.mean(fwd(*args)[1]))
+            rows.append(
+                _row(
+                    name,
+                    kind,
+                    time_call(fwd, *args, iters=iters),
+                    time_call(fwd_bwd, args, cotangent, iters=iters),
+                    flops_fwd,
+                    dropped,
+                )
+            )
+    return rows
+
+
+def _row(impl, routing_kind, fwd_s, fwd_bwd_s, flops_fwd, dropped):
+    return {
+        "impl": impl,
+        "routing": routing_kind,
+        "fwd_ms": 1e3 * fwd_s,
+        "fwd_bwd_ms": 1e3 * fwd_bwd_s,
+        "fwd_tflops": flops_fwd / fwd_s / 1e12,
+        "fwd_bwd_tflops": 3 * flops_fwd / fwd_bwd_s / 1e12,
+        "dropped": dropped,
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    header = (
+        f"{'impl':22s} {'routing':9s} {'fwd ms':>9s} {'TFLOP/s':>8s} "
+        f"{'fwd+bwd ms':>11s} {'TFLOP/s':>8s} {'dropped':>8s}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r['impl']:22s} {r['routing']:9s} {r['fwd_ms']:9.2f} {r['fwd_tflops']:8.3f} "
+            f"{r['fwd_bwd_ms']:11.2f} {r['fwd_bwd_tflops']:8.3f} {r['dropped']:8.1%}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,179 @@
+"""Every dispatch path and grouped-GEMM backend against the dense reference, values and
+gradients; the capacity path's drops; the dropless backward being gathers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dbrx_jax import bench, gmm
+from dbrx_jax.moe_dispatch import (
+    capacity_per_expert,
+    expert_positions,
+    experts,
+    sorted_layout,
+)
+
+D, F, E = 16, 24, 16
+IMPLS = ["dropless:ragged_dot", "dropless:blocked", "capacity"]
+
+
+def _problem(T, k, routing, seed=0):
+    rng = np.random.RandomState(seed)
+    ids, weights = bench.routing(routing, T, E, k, seed=seed)
+    arrays = (
+        rng.randn(T, D),
+        weights,
+        rng.randn(E, D, F) / 4,
+        rng.randn(E, D, F) / 4,
+        rng.randn(E, F, D) / 5,
+    )
+    return jnp.asarray(ids), tuple(jnp.asarray(a, jnp.float32) for a in arrays)
+
+
+def _value_and_grads(name, ids, args, cotangent, capacity_factor=None):
+    impl, _, gmm_impl = name.partition(":")
+    top_k = ids.shape[1]
+
+    def f(x, weights, w1, v1, w2):
+        return experts(
+            x,
+            ids,
+            weights,
+            w1,
+            v1,
+            w2,
+            act=jax.nn.silu,
+            impl=impl,
+            gmm_impl=gmm_impl or "auto",
+            capacity_factor=capacity_factor or E / top_k,
+        )  # E/k: nothing dropped
+
+    (y, dropped), vjp = jax.vjp(f, *args)
+    return y, dropped, vjp((cotangent, np.zeros(dropped.shape, jax.dtypes.float0)))
+
+
+@pytest.mark.parametrize("routing", ["balanced", "skewed"])
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("name", IMPLS)
+def test_equals_dense_values_and_gradients(name, k, routing):
+    T = 96
+    ids, args = _problem(T, k, routing)
+    cotangent = jnp.asarray(np.random.RandomState(9).randn(T, D), jnp.float32)
+    y_ref, _, grads_ref = _value_and_grads("dense", ids, args, cotangent)
+    y, dropped, grads = _value_and_grads(name, ids, args, cotangent)
+    assert not dropped.any()
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    for which, g, g_ref in zip(["x", "weights", "w1", "v1", "w2"], grads, grads_ref, strict=True):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5, err_msg=which)
+
+
+def test_megablox_backend_in_interpret_mode():
+    """JAX's TPU kernel, run by Pallas' interpreter on CPU: one case (it is slow there)."""
+    ids, args = _problem(40, 4, "skewed")
+    cotangent = jnp.asarray(np.random.RandomState(9).randn(40, D), jnp.float32)
+    y_ref, _, grads_ref = _value_and_grads("dense", ids, args, cotangent)
+    y, _, grads = _value_and_grads("dropless:megablox", ids, args, cotangent)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(
+    not gmm.tokamax_available(),
+    reason="tokamax is not installed (GPU only, "
+    "jax >= 0.11.1); experiments/bench_moe.py exercises it on GPU",
+)
+def test_tokamax_backend():
+    ids, args = _problem(64, 4, "skewed")
+    cotangent = jnp.ones((64, D), jnp.float32)
+    y_ref, _, _ = _value_and_grads("dense", ids, args, cotangent)
+    y, _, _ = _value_and_grads("dropless:tokamax", ids, args, cotangent)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_capacity_drops_exactly_the_overflow():
+    # 4 tokens, top-2 over 2 experts, capacity factor 0.5: C = ceil(0.5 * 4 * 2 / 2) = 2.
+    ids = jnp.asarray([[0, 1], [0, 1], [0, 1], [1, 0]], jnp.int32)
+    assert capacity_per_expert(4, 2, 2, 0.5) == 2
+    # Queue order: all first choices by token (t0 t1 t2 -> e0, t3 -> e1), then second choices
+    # (t0 t1 t2 -> e1, t3 -> e0).
+    np.testing.assert_array_equal(expert_positions(ids, 2), [[0, 1], [1, 2], [2, 3], [0, 3]])
+    rng = np.random.RandomState(0)
+    x = jnp.asarray(rng.randn(4, D), jnp.float32)
+    weights = jnp.asarray(rng.rand(4, 2), jnp.float32)
+    w = [jnp.asarray(rng.randn(2, D, F), jnp.float32) / 4 for _ in range(2)]
+    w2 = jnp.asarray(rng.randn(2, F, D), jnp.float32) / 4
+    y, dropped = experts(
+        x, ids, weights, *w, w2, act=jax.nn.silu, impl="capacity", capacity_factor=0.5
+    )
+    expected_dropped = [[False, False], [False, True], [True, True], [False, True]]
+    np.testing.assert_array_equal(dropped, expected_dropped)
+    # The kept assignments give what the dense reference gives with the dropped weights zeroed.
+    kept_weights = jnp.where(jnp.asarray(expected_dropped), 0.0, weights)
+    y_ref, _ = experts(x, ids, kept_weights, *w, w2, act=jax.nn.silu, impl="dense")
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(y[2], 0.0)  # both of token 2's assignments dropped
+
+
+def test_sorted_layout_is_aligned_and_invertible():
+    ids, _ = bench.routing("skewed", 50, E, 4)
+    layout = sorted_layout(jnp.asarray(ids), E, alignment=8)
+    rows = np.asarray(layout.row_of_assignment_TA).ravel()
+    assert len(set(rows)) == rows.size  # a permutation into the padded rows
+    np.testing.assert_array_equal(np.asarray(layout.assignment_of_row_P)[rows], np.arange(200))
+    sizes = np.asarray(layout.group_sizes_E)
+    assert np.all(sizes % 8 == 0) and np.all(sizes >= np.bincount(ids.ravel(), minlength=E))
+    starts = np.cumsum(sizes) - sizes
+    np.testing.assert_array_equal(  # every row lies inside its expert's group
+        np.searchsorted(np.cumsum(sizes), rows, side="right"), ids.ravel()
+    )
+    assert np.all(rows >= starts[ids.ravel()])
+
+
+def _float_scatter_adds(jaxpr) -> list[str]:
+    """Float scatter-adds anywhere in a jaxpr, inside loops, conds and custom rules too."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scatter-add" and jnp.issubdtype(
+            eqn.outvars[0].aval.dtype, jnp.floating
+        ):
+            found.append(str(eqn.outvars[0].aval))
+        for param in eqn.params.values():
+            for inner in param if isinstance(param, (tuple, list)) else [param]:
+                inner = getattr(inner, "jaxpr", inner)  # ClosedJaxpr -> Jaxpr
+                if hasattr(inner, "eqns"):
+                    found += _float_scatter_adds(inner)
+    return found
+
+
+@pytest.mark.parametrize("gmm_impl", ["ragged_dot", "blocked"])
+def test_dropless_backward_moves_rows_by_gathers(gmm_impl):
+    ids, args = _problem(64, 4, "skewed")
+
+    def loss(x, weights, w1, v1, w2):
+        y, _ = experts(
+            x, ids, weights, w1, v1, w2, act=jax.nn.silu, impl="dropless", gmm_impl=gmm_impl
+        )
+        return jnp.vdot(y, jnp.ones_like(y))
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(*args)
+    assert _float_scatter_adds(jaxpr.jaxpr) == []
+
+    # ... whereas autodiff of a plain gather scatter-adds, even inside a loop.
+    def plain(x):
+        return jax.lax.fori_loop(0, 2, lambda i, acc: acc + jnp.sum(x[ids.ravel() % 64]), 0.0)
+
+    assert _float_scatter_adds(jax.make_jaxpr(jax.grad(plain))(args[0]).jaxpr)
+
+
+def test_gmm_auto_never_picks_ragged_dot_on_gpu():
+    assert gmm.resolve_gmm_impl("auto", "cpu") == "blocked"
+    assert gmm.resolve_gmm_impl("auto", "tpu") == "ragged_dot"
+    if gmm.tokamax_available():
+        assert gmm.resolve_gmm_impl("auto", "gpu") == "tokamax"
+    else:
+        with pytest.raises(RuntimeError, match="needs the tokamax package"):
+            gmm.resolve_gmm_impl("auto", "gpu")
+    with pytest.raises(ValueError, match="gmm_impl 'cublas'"):
+        gmm.resolve_gmm_impl("cublas")
