@@ -26,6 +26,7 @@ DTYPES = {
 ATTENTION_IMPLS = ("xla", "cudnn", "reference")
 MOE_IMPLS = ("auto", "dense", "dropless", "capacity")  # see moe_dispatch.py
 GMM_IMPLS = ("auto", "ragged_dot", "tokamax", "megablox", "blocked")  # see gmm.py
+MOE_EXCHANGES = ("all_gather", "all_to_all")  # see moe_parallel.py
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 
@@ -79,6 +80,7 @@ class DbrxConfig:
     moe_impl: str = "auto"  # one of MOE_IMPLS: auto is dropless (exact)
     gmm_impl: str = "auto"  # grouped GEMM of the dropless path, one of GMM_IMPLS
     capacity_factor: float = 1.0  # of the capacity path: slots per expert = cf * T * k / E
+    moe_exchange: str = "all_gather"  # how tokens reach experts on other devices
     router_z_loss_weight: float = 0.0  # ST-MoE's z-loss; DBRX was trained without
 
     def __post_init__(self):
@@ -138,6 +140,7 @@ class DbrxConfig:
         need(self.moe_impl in MOE_IMPLS, "moe_impl", f"one of {MOE_IMPLS}")
         need(self.gmm_impl in GMM_IMPLS, "gmm_impl", f"one of {GMM_IMPLS}")
         need(self.capacity_factor > 0, "capacity_factor", "a positive number")
+        need(self.moe_exchange in MOE_EXCHANGES, "moe_exchange", f"one of {MOE_EXCHANGES}")
         need(self.router_z_loss_weight >= 0, "router_z_loss_weight", "a number >= 0")
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))

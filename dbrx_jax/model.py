@@ -18,6 +18,9 @@ from flax import nnx, struct
 from dbrx_jax.config import REMAT_POLICIES, DbrxConfig
 from dbrx_jax.layers import Attention, LayerNorm, attention_mask, param, rope_tables
 from dbrx_jax.moe import MoE, RouterOutput
+from dbrx_jax.sharding import constrain
+
+ACTIVATION_AXES = ("batch", "seq", "act_embed")  # the residual stream between blocks
 
 # DbrxConfig.remat_policy -> what jax.checkpoint may save of each block ("none": no remat).
 CHECKPOINT_POLICIES = {
@@ -54,7 +57,7 @@ class DbrxBlock(nnx.Module):
     ) -> tuple[jax.Array, RouterOutput]:
         h_BTD = h_BTD + self.attn(self.norm_1(h_BTD), cos_BTH, sin_BTH, mask_B1TS)
         moe = self.ffn(self.norm_2(h_BTD), jitter_key)
-        return h_BTD + moe.y_BTD, moe.router
+        return constrain(h_BTD + moe.y_BTD, ACTIVATION_AXES), moe.router
 
 
 def positions_from_segments(segment_ids_BT: jax.Array) -> jax.Array:
@@ -137,9 +140,13 @@ class Dbrx(nnx.Module):
                     f"tokens_BT: expected integer ids of shape [B, T], got "
                     f"{tokens_BT.dtype}{list(tokens_BT.shape)}"
                 )
-            h_BTD = jnp.take(self.wte[...], tokens_BT, axis=0).astype(dtype)
+            # Gather the FSDP shards of the table first (as for any weight); GSPMD then does the
+            # lookup from the vocab-sharded table with a masked gather and a psum.
+            table_VD = constrain(self.wte[...], ("vocab", "act_embed"))
+            h_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(dtype)
         else:
             h_BTD = inputs_embeds_BTD.astype(dtype)
+        h_BTD = constrain(h_BTD, ACTIVATION_AXES)
         B, T, _ = h_BTD.shape
         if positions_BT is None:
             positions_BT = (
@@ -154,6 +161,7 @@ class Dbrx(nnx.Module):
 
         h_BTD = self.norm_f(h_BTD)
         logits_BTV = jnp.einsum("BTD,DV->BTV", h_BTD, self.lm_head[...].astype(dtype))
+        logits_BTV = constrain(logits_BTV, ("batch", "seq", "vocab"))
         return DbrxOutput(logits=logits_BTV, router=router)
 
     def _run_blocks(self, h_BTD, cos_BTH, sin_BTH, mask_B1TS, jitter_key):

@@ -13,7 +13,9 @@ from flax import nnx, struct
 
 from dbrx_jax.config import DbrxConfig
 from dbrx_jax.layers import at_least_fp32, param
-from dbrx_jax.moe_dispatch import experts
+from dbrx_jax.moe_dispatch import experts, resolve_moe_impl
+from dbrx_jax.moe_parallel import sharded_experts
+from dbrx_jax.sharding import active_mesh
 
 ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -91,7 +93,10 @@ def route(
 
 
 class MoE(nnx.Module):
-    """Router plus E GLU experts, stored as real `[E, D, F]` / `[E, F, D]` arrays."""
+    """Router plus E GLU experts, stored as real `[E, D, F]` / `[E, F, D]` arrays.
+
+    Under one of our meshes (`jax.set_mesh`) the dropless path runs expert-parallel
+    (moe_parallel.py); dense and capacity are left to GSPMD."""
 
     def __init__(self, config: DbrxConfig, *, rngs: nnx.Rngs):
         c = config
@@ -115,6 +120,20 @@ class MoE(nnx.Module):
         )
         B, T, D = x_BTD.shape
         w1, v1, w2 = (w[...].astype(c.compute_dtype) for w in (self.w1, self.v1, self.w2))
+        act = ACTIVATIONS[c.ffn_act_fn]
+        if active_mesh() is not None and resolve_moe_impl(c.moe_impl) == "dropless":
+            y_BTD = sharded_experts(
+                x_BTD,
+                routing.expert_ids_BTA,
+                routing.weights_BTA,
+                w1,
+                v1,
+                w2,
+                act=act,
+                gmm_impl=c.gmm_impl,
+                exchange=c.moe_exchange,
+            )
+            return MoEOutput(y_BTD=y_BTD, router=routing)
         y_ND, dropped_NA = experts(
             x_BTD.reshape(B * T, D),
             routing.expert_ids_BTA.reshape(B * T, -1),
@@ -122,7 +141,7 @@ class MoE(nnx.Module):
             w1,
             v1,
             w2,
-            act=ACTIVATIONS[c.ffn_act_fn],
+            act=act,
             impl=c.moe_impl,
             gmm_impl=c.gmm_impl,
             capacity_factor=c.capacity_factor,

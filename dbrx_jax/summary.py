@@ -50,3 +50,53 @@ def time_forward(
         "step_s": step,
         "tokens_per_s": batch_size * seq_len / step,
     }
+
+
+def memory_per_device(
+    config: DbrxConfig, axis_sizes: dict[str, int], optimizer_moments: int = 2
+) -> dict[str, float]:
+    """GiB per device of parameters and optimizer state (`optimizer_moments` fp32 arrays per
+    parameter: 2 for AdamW, 1 for Lion) on a mesh of these sizes; from shapes alone."""
+    import optax
+
+    from dbrx_jax import sharding
+
+    sizes = {axis: int(axis_sizes.get(axis, 1)) for axis in sharding.MESH_AXES}
+    abstract = nnx.eval_shape(lambda: Dbrx(config, rngs=nnx.Rngs(0)))
+    params = nnx.state(abstract, nnx.Param)
+    moments = jax.eval_shape(optax.scale_by_adam().init, params)
+    moment_bytes = sharding.bytes_per_device(moments, sizes) // 2 * optimizer_moments
+    return {
+        "devices": int(np.prod(list(sizes.values()))),
+        "params_gib": sharding.bytes_per_device(params, sizes) / 2**30,
+        "optimizer_gib": moment_bytes / 2**30,
+    }
+
+
+def time_train_step(
+    config: DbrxConfig, mesh, batch_size: int, seq_len: int, *, iters: int = 5, seed: int = 0
+) -> dict[str, float]:
+    """Median seconds of an AdamW training step of `config` on `mesh` (random tokens)."""
+    import optax
+
+    from dbrx_jax import sharding, train
+
+    tx = optax.adamw(1e-4)
+    graphdef, params, opt_state = train.init_train_state(config, tx, mesh, seed=seed)
+    step = train.make_train_step(graphdef, tx, mesh)
+    tokens = (
+        np.random.RandomState(seed)
+        .randint(0, config.vocab_size, (batch_size, seq_len + 1))
+        .astype(np.int32)
+    )
+    batch = sharding.shard_batch(
+        {k: np.asarray(v) for k, v in train.batch_from_tokens(jnp.asarray(tokens)).items()}, mesh
+    )
+    state = [params, opt_state]
+
+    def run():
+        state[0], state[1], metrics = step(state[0], state[1], batch, None)
+        return metrics["loss"]
+
+    seconds = time_call(run, iters=iters)
+    return {"step_s": seconds, "tokens_per_s": batch_size * seq_len / seconds}

@@ -9,8 +9,10 @@ import pytest
 from dbrx_jax import bench, gmm
 from dbrx_jax.moe_dispatch import (
     capacity_per_expert,
-    expert_positions,
+    collect_rows,
+    dispatch_rows,
     experts,
+    queue_positions,
     sorted_layout,
 )
 
@@ -98,7 +100,9 @@ def test_capacity_drops_exactly_the_overflow():
     assert capacity_per_expert(4, 2, 2, 0.5) == 2
     # Queue order: all first choices by token (t0 t1 t2 -> e0, t3 -> e1), then second choices
     # (t0 t1 t2 -> e1, t3 -> e0).
-    np.testing.assert_array_equal(expert_positions(ids, 2), [[0, 1], [1, 2], [2, 3], [0, 3]])
+    np.testing.assert_array_equal(
+        queue_positions(ids, 2, slot_major=True), [[0, 1], [1, 2], [2, 3], [0, 3]]
+    )
     rng = np.random.RandomState(0)
     x = jnp.asarray(rng.randn(4, D), jnp.float32)
     weights = jnp.asarray(rng.rand(4, 2), jnp.float32)
@@ -122,13 +126,25 @@ def test_sorted_layout_is_aligned_and_invertible():
     rows = np.asarray(layout.row_of_assignment_TA).ravel()
     assert len(set(rows)) == rows.size  # a permutation into the padded rows
     np.testing.assert_array_equal(np.asarray(layout.assignment_of_row_P)[rows], np.arange(200))
-    sizes = np.asarray(layout.group_sizes_E)
+    sizes = np.asarray(layout.group_sizes_G)
     assert np.all(sizes % 8 == 0) and np.all(sizes >= np.bincount(ids.ravel(), minlength=E))
     starts = np.cumsum(sizes) - sizes
     np.testing.assert_array_equal(  # every row lies inside its expert's group
         np.searchsorted(np.cumsum(sizes), rows, side="right"), ids.ravel()
     )
     assert np.all(rows >= starts[ids.ravel()])
+
+
+def test_sorted_layout_leaves_out_foreign_experts():
+    ids = jnp.asarray([[0, 3], [2, 1], [3, -1]], jnp.int32)  # experts 0 and 1 are "ours"
+    layout = sorted_layout(ids, 2, alignment=1, max_rows=6)
+    rows = np.asarray(layout.row_of_assignment_TA)
+    P = layout.assignment_of_row_P.shape[0]
+    np.testing.assert_array_equal(rows, [[0, P], [P, 1], [P, P]])
+    np.testing.assert_array_equal(layout.group_sizes_G, [1, 1])
+    x = jnp.arange(6, dtype=jnp.float32).reshape(3, 2)
+    back = collect_rows(dispatch_rows(x, layout) * 10, layout)
+    np.testing.assert_array_equal(back[:, :, 0], [[0, 0], [0, 20], [0, 0]])
 
 
 def _float_scatter_adds(jaxpr) -> list[str]:
