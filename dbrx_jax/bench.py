@@ -153,3 +153,41 @@ def format_table(rows: list[dict]) -> str:
             f"{r['fwd_bwd_ms']:11.2f} {r['fwd_bwd_tflops']:8.3f} {r['dropped']:8.1%}"
         )
     return "\n".join(lines)
+
+
+def hf_train_step_benchmark(
+    config, batch_size: int, seq_len: int, *, iters: int = 5, dtype: str = "float32"
+) -> dict[str, float]:
+    """Tokens/s of transformers' DbrxForCausalLM training step (forward, backward, AdamW) on
+    the same config: the PyTorch reference we compare against. Needs the `test` extras (torch,
+    transformers); run it in its own process (bench_train.py --compare_hf does)."""
+    import torch
+    import transformers
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf_config = transformers.DbrxConfig(**config.to_hf())
+    hf_config._attn_implementation = "sdpa"
+    model = transformers.DbrxForCausalLM(hf_config).to(device=device, dtype=getattr(torch, dtype))
+    for block in model.transformer.blocks:  # transformers 5.x cannot clamp with clip_qkv None
+        if block.norm_attn_norm.attn.clip_qkv is None:
+            block.norm_attn_norm.attn.clip_qkv = float("inf")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    tokens = torch.randint(0, config.vocab_size, (batch_size, seq_len), device=device)
+
+    def step():
+        loss = model(tokens, labels=tokens, output_router_logits=True).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return None
+
+    seconds = time_call(step, iters=iters)
+    peak_gb = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None
+    return {
+        "step_s": seconds,
+        "tokens_per_s": batch_size * seq_len / seconds,
+        "peak_memory_gb": peak_gb,
+        "device": device,
+    }

@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
-import ml_collections
 
 DTYPES = {
     "float32": jnp.float32,
@@ -317,22 +316,6 @@ class DbrxConfig:
     @classmethod
     def from_json(cls, text: str) -> DbrxConfig:
         return cls(**json.loads(text))
-
-    def to_config_dict(self) -> ml_collections.ConfigDict:
-        """Every field as an ml_collections ConfigDict, so an experiment config can hold it and
-        the command line can override any field (`--config.model.n_layers=4`)."""
-        return ml_collections.ConfigDict(dataclasses.asdict(self))
-
-    @classmethod
-    def from_config_dict(cls, config_dict: Mapping[str, Any]) -> DbrxConfig:
-        fields = dict(config_dict)
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(fields) - valid
-        if unknown:
-            raise ValueError(
-                f"unknown model config key(s) {sorted(unknown)}; valid keys: {sorted(valid)}"
-            )
-        return cls(**fields)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> DbrxConfig:

@@ -79,7 +79,7 @@ def time_train_step(
     """Median seconds of an AdamW training step of `config` on `mesh` (random tokens)."""
     import optax
 
-    from dbrx_jax import sharding, train
+    from dbrx_jax import data, sharding, train
 
     tx = optax.adamw(1e-4)
     graphdef, params, opt_state = train.init_train_state(config, tx, mesh, seed=seed)
@@ -89,9 +89,7 @@ def time_train_step(
         .randint(0, config.vocab_size, (batch_size, seq_len + 1))
         .astype(np.int32)
     )
-    batch = sharding.shard_batch(
-        {k: np.asarray(v) for k, v in train.batch_from_tokens(jnp.asarray(tokens)).items()}, mesh
-    )
+    batch = sharding.shard_batch(data.model_batch(tokens), mesh)
     state = [params, opt_state]
 
     def run():

@@ -13,7 +13,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dbrx_jax import DbrxConfig, sharding, summary
+from dbrx_jax import DbrxConfig, experiment, sharding, summary
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config file.")
 _PRESET = flags.DEFINE_string("preset", None, "Report on this preset instead of --config's.")
@@ -31,7 +31,7 @@ def main(argv):
     config = (
         DbrxConfig.preset(_PRESET.value)
         if _PRESET.value
-        else DbrxConfig.from_config_dict(_CONFIG.value.model)
+        else experiment.model_config(_CONFIG.value.model)
     )
     for text in _MESHES.value:
         sizes = {k: int(v) for k, v in (item.split("=") for item in text.split(","))}

@@ -13,7 +13,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 import dbrx_jax
-from dbrx_jax import summary
+from dbrx_jax import experiment, summary
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config file.")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Load this Hugging Face DBRX directory instead.")
@@ -30,7 +30,7 @@ def main(argv):
         model = dbrx_jax.from_pretrained(_HF_DIR.value)
         config = model.config
     else:
-        config = dbrx_jax.DbrxConfig.from_config_dict(_CONFIG.value.model)
+        config = experiment.model_config(_CONFIG.value.model)
         model = None
     report = {"config": json.loads(config.to_json()), **summary.describe(config, _SEQ_LEN.value)}
     if _TIME.value:

@@ -24,7 +24,7 @@ def main():
     import numpy as np
     import optax
 
-    from dbrx_jax import DbrxConfig, sharding, train
+    from dbrx_jax import DbrxConfig, data, sharding, train
 
     if args.num_processes > 1:
         sharding.initialize_distributed(
@@ -42,10 +42,8 @@ def main():
     for _ in range(args.steps):
         tokens = rng.randint(0, config.vocab_size, (8, 17)).astype(np.int32)  # the global batch
         mine = tokens[jax.process_index() * rows_per_process :][:rows_per_process]
-        local = {k: np.asarray(v) for k, v in train.batch_from_tokens(mine).items()}
-        params, opt_state, metrics = step(
-            params, opt_state, sharding.shard_batch(local, mesh), None
-        )
+        batch = sharding.shard_batch(data.model_batch(mine), mesh)
+        params, opt_state, metrics = step(params, opt_state, batch, None)
         losses.append(float(metrics["loss"]))
     print(json.dumps({"process": jax.process_index(), "losses": losses}))
 

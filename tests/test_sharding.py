@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dbrx_jax import Dbrx, DbrxConfig, sharding, train
+from dbrx_jax import Dbrx, DbrxConfig, data, sharding, train
 
 TINY = DbrxConfig.preset("dbrx-tiny")
 MESHES = [
@@ -124,13 +124,7 @@ def _compiled_train_step_hlo(config, sizes):
     mesh = sharding.make_mesh(sizes)
     tx = optax.adamw(1e-3)
     graphdef, params, opt_state = train.init_train_state(config, tx, mesh)
-    batch = sharding.shard_batch(
-        {
-            k: np.asarray(v)
-            for k, v in train.batch_from_tokens(jnp.zeros((8, 13), jnp.int32)).items()
-        },
-        mesh,
-    )
+    batch = sharding.shard_batch(data.model_batch(np.zeros((8, 13), np.int32)), mesh)
 
     def step(params, opt_state, batch):
         grads, _ = jax.grad(lambda p: train.loss_fn(nnx.merge(graphdef, p), batch), has_aux=True)(
