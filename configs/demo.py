@@ -23,6 +23,8 @@ def get_config():
     config.log_every_steps = 25
     config.eval_every_steps = 275
     config.eval_batches = 8
+    config.checkpoint_every_steps = 100  # `make train` again resumes (or, when done, just reports)
+    config.keep_checkpoints = 2
     config.mesh.data = 4
     config.mesh.expert = 2
     config.data.spm_vocab_size = 512

@@ -191,3 +191,35 @@ def hf_train_step_benchmark(
         "peak_memory_gb": peak_gb,
         "device": device,
     }
+
+
+def checkpoint_benchmark(directory: str, gib: float = 1.0, arrays: int = 16) -> dict[str, float]:
+    """Seconds to save a `gib` GiB state asynchronously (the part that blocks the training loop,
+    and until it is on disk) and to restore it, with the training Checkpointer."""
+    import grain
+
+    from dbrx_jax import checkpoint
+
+    per_array = int(gib * 2**30 / 4 / arrays)
+    key = jax.random.key(0)
+    state = {
+        f"w{i}": jax.random.normal(jax.random.fold_in(key, i), (per_array,), jnp.float32)
+        for i in range(arrays)
+    }
+    jax.block_until_ready(state)
+    iterator = iter(grain.MapDataset.range(4).to_iter_dataset())
+    saver = checkpoint.Checkpointer(directory, async_save=True)
+    start = time.perf_counter()
+    saver.save(1, state, iterator, {})
+    blocking = time.perf_counter() - start
+    saver.wait()
+    total = time.perf_counter() - start
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+    start = time.perf_counter()
+    restored = saver.restore(1, abstract, iter(grain.MapDataset.range(4).to_iter_dataset()))
+    jax.block_until_ready(restored)
+    restore = time.perf_counter() - start
+    saver.close()
+    return {"gib": gib, "save_blocking_s": blocking, "save_total_s": total, "restore_s": restore}

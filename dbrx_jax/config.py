@@ -171,6 +171,26 @@ class DbrxConfig:
             )
         return dataclasses.replace(self, **changes)
 
+    def architecture(self) -> dict[str, Any]:
+        """The fields that decide the parameters and what they compute: two configs that agree
+        here can load each other's checkpoints."""
+        names = (
+            "d_model",
+            "n_heads",
+            "n_layers",
+            "vocab_size",
+            "kv_n_heads",
+            "clip_qkv",
+            "rope_theta",
+            "ffn_hidden_size",
+            "ffn_act_fn",
+            "moe_num_experts",
+            "moe_top_k",
+            "moe_normalize_expert_weights",
+            "param_dtype",
+        )
+        return {name: getattr(self, name) for name in names}
+
     def num_params(self) -> int:
         """Total parameter count (embedding and lm_head included)."""
         d, e, f = self.d_model, self.moe_num_experts, self.ffn_hidden_size

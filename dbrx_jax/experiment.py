@@ -59,8 +59,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.weight_decay = 0.1  # not applied to norms and embeddings
     c.grad_clip = 1.0  # global norm
     c.grad_accum_steps = 1
-    c.checkpoint_every_steps = 0  # 0: no checkpoints
-    c.keep_checkpoints = 3
+    c.checkpoint_every_steps = 0  # 0: no checkpoints (nor resuming)
+    c.keep_checkpoints = 3  # the latest N steps ...
+    c.keep_best_checkpoint = False  # ... plus the one with the best eval loss
+    c.max_nonfinite_steps = 5  # consecutive steps with a non-finite loss before the run stops
+    c.init_from = ""  # start from these parameters (an export or an HF directory), new optimizer
     c.eval_every_steps = 50
     c.eval_batches = 4
     c.log_every_steps = 10

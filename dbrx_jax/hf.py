@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dbrx_jax import checkpoint
 from dbrx_jax.config import DTYPES, DbrxConfig, read_hf_config
 from dbrx_jax.model import Dbrx
 from dbrx_jax.safetensors_io import FLOAT_DTYPES, SafetensorsCheckpoint
@@ -215,13 +216,16 @@ def from_pretrained(
     path: str | os.PathLike, dtype: str | None = None, param_dtype: str | None = None, **overrides
 ) -> Dbrx:
     """Loads a Hugging Face DBRX directory (`config.json` plus `model.safetensors` or sharded
-    files with `model.safetensors.index.json`) into a `Dbrx` model, without torch.
+    files with `model.safetensors.index.json`) into a `Dbrx` model, without torch; or one of
+    our params-only exports (`checkpoint.export_params`).
 
     dtype: the compute dtype; defaults to the checkpoint's (`config.json`'s `dtype`).
     param_dtype: the stored parameters' dtype; defaults to `dtype`.
     overrides: any other `DbrxConfig` field (attention_impl, remat_policy, max_seq_len, ...).
     """
     path = os.fspath(path)
+    if checkpoint.is_export(path):
+        return _from_export(path, dtype, param_dtype, overrides)
     dtype = dtype or _checkpoint_dtype(path)
     config = DbrxConfig.from_hf(path, dtype=dtype, param_dtype=param_dtype or dtype, **overrides)
     ckpt = SafetensorsCheckpoint(path)
@@ -236,6 +240,23 @@ def from_pretrained(
         del value
     missing = [p for p, v in params.items() if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
     assert not missing, f"parameters without an HF tensor: {missing}"
+    return model
+
+
+def _from_export(path: str, dtype, param_dtype, overrides) -> Dbrx:
+    stored = checkpoint.load_export_config(path)
+    changes = dict(overrides)
+    if dtype:
+        changes.update(dtype=dtype, param_dtype=param_dtype or dtype)
+    config = stored.replace(**changes)
+    _, abstract = nnx.split(nnx.eval_shape(lambda: Dbrx(stored, rngs=nnx.Rngs(0))), nnx.Param)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract
+    )
+    params = checkpoint.restore_params(path, abstract)
+    model = nnx.eval_shape(lambda: Dbrx(config, rngs=nnx.Rngs(0)))
+    nnx.update(model, jax.tree.map(lambda x: x.astype(config.weight_dtype), params))
     return model
 
 

@@ -11,10 +11,13 @@ A batch is a dict of `[B, T]` arrays (data.model_batch makes them):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Mapping
 
@@ -25,6 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from dbrx_jax import checkpoint as ckpt
 from dbrx_jax import data, experiment, flops, metrics, sharding
 from dbrx_jax.config import DbrxConfig
 from dbrx_jax.model import Dbrx
@@ -134,10 +138,17 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, mesh, grad_accum
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(params, opt_state, batch, key):
         grads, step_metrics = accumulate_gradients(graphdef, params, batch, key, grad_accum_steps)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        step_metrics["grad_norm"] = optax.tree.norm(grads)
-        return params, opt_state, step_metrics
+        grad_norm = optax.tree.norm(grads)
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        # A non-finite loss or gradient leaves the state as it was (the loop counts these).
+        finite = jnp.isfinite(step_metrics["loss"]) & jnp.isfinite(grad_norm)
+
+        def keep(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        step_metrics.update(grad_norm=grad_norm, skipped=~finite)
+        return keep(new_params, params), keep(new_opt_state, opt_state), step_metrics
 
     def run(params, opt_state, batch, key):
         with jax.set_mesh(mesh):
@@ -159,6 +170,31 @@ def make_eval_step(graphdef, mesh):
             return evaluate(params, batch)
 
     return run
+
+
+def abstract_train_state(config: DbrxConfig, tx: optax.GradientTransformation, mesh):
+    """(graphdef, params, opt_state) as ShapeDtypeStructs carrying their shardings on `mesh`:
+    the targets to restore a checkpoint into, whatever mesh it was saved from."""
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Dbrx(config, rngs=nnx.Rngs(0))), nnx.Param)
+    opt_state = jax.eval_shape(tx.init, params)
+
+    def with_shardings(tree):
+        def attach(leaf, sharding_):
+            if isinstance(leaf, nnx.Variable):
+                value = leaf.get_value()
+                return leaf.replace(
+                    jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding_)
+                )
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding_)
+
+        return jax.tree.map(
+            attach,
+            tree,
+            sharding.param_shardings(tree, mesh),
+            is_leaf=lambda x: isinstance(x, nnx.Variable),
+        )
+
+    return graphdef, with_shardings(params), with_shardings(opt_state)
 
 
 def init_train_state(config: DbrxConfig, tx: optax.GradientTransformation, mesh, seed: int = 0):
@@ -187,28 +223,24 @@ def prepare_tokenizer(data_config: ml_collections.ConfigDict, documents, workdir
     return path
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains per `config` (see experiment.base_config) in `workdir`; returns a summary."""
+@dataclasses.dataclass
+class _Setup:
+    mesh: jax.sharding.Mesh
+    model_config: DbrxConfig
+    tokenizer_spec: str
+    datasets: dict  # split -> () -> grain dataset
+    tx: optax.GradientTransformation
+    run_config: dict  # what a checkpoint records of the run
+
+
+def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Setup:
     experiment.validate(config)
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(dict(config.mesh))
     documents = data.load_documents(config.data.source, config.data.text_key)
     tokenizer_spec = prepare_tokenizer(config.data, documents, workdir)
-    tokenizer = load_tokenizer(tokenizer_spec)
-    model_config = experiment.model_config(config.model, tokenizer.vocab_size)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(
-                {
-                    "experiment": config.to_dict(),
-                    "model": json.loads(model_config.to_json()),
-                    "tokenizer": tokenizer_spec,
-                },
-                f,
-                indent=2,
-                default=str,
-            )
-    n_proc, proc = jax.process_count(), jax.process_index()
+    model_config = experiment.model_config(config.model, load_tokenizer(tokenizer_spec).vocab_size)
+    n_proc = jax.process_count()
     if config.batch_size % n_proc:
         raise ValueError(
             f"config.batch_size={config.batch_size} is not a multiple of the {n_proc} processes"
@@ -223,79 +255,232 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             seed=config.seed,
             split=split,
             eval_fraction=config.data.eval_fraction,
-            process_index=proc,
+            process_index=jax.process_index(),
             process_count=n_proc,
             packing_bins=config.data.packing_bins or None,
             worker_count=config.data.worker_count,
         )
         for split in ("train", "eval")
     }
-    tx = make_optimizer(config)
-    schedule = learning_rate_schedule(config)
-    graphdef, params, opt_state = init_train_state(model_config, tx, mesh, config.seed)
-    train_step = make_train_step(graphdef, tx, mesh, config.grad_accum_steps)
+    run_config = {
+        "experiment": config.to_dict(),
+        "model": json.loads(model_config.to_json()),
+        "architecture": model_config.architecture(),
+        "tokenizer": tokenizer_spec,
+    }
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(run_config, f, indent=2, default=str)
+    return _Setup(
+        mesh,
+        model_config,
+        tokenizer_spec,
+        datasets,
+        make_optimizer(config),
+        json.loads(json.dumps(run_config, default=str)),
+    )
+
+
+def _initial_state(setup: _Setup, config, checkpointer, train_iter):
+    """(first step, params, opt_state): the latest checkpoint's if there is one (checked to be
+    the same model), else `init_from`'s parameters with a new optimizer, else a new model."""
+    graphdef, abstract_params, abstract_opt = abstract_train_state(
+        setup.model_config, setup.tx, setup.mesh
+    )
+    if checkpointer is not None and checkpointer.steps():
+        for step in reversed(checkpointer.steps()):
+            try:
+                stored = checkpointer.stored_config(step)
+            except Exception:  # unreadable: restore_latest will skip it too
+                continue
+            ckpt.check_same_model(stored, setup.model_config, checkpointer.directory)
+            break
+        abstract = {"params": abstract_params, "opt_state": abstract_opt}
+        step, state = checkpointer.restore_latest(abstract, train_iter)
+        if step is not None:
+            log.info("resumed from %s/%d", checkpointer.directory, step)
+            return graphdef, step, state["params"], state["opt_state"]
+    if config.init_from:
+        params = load_params(config.init_from, setup.model_config, abstract_params)
+        with jax.set_mesh(setup.mesh):
+            opt_shardings = jax.tree.map(lambda x: x.sharding, abstract_opt)
+            opt_state = jax.jit(setup.tx.init, out_shardings=opt_shardings)(params)
+        return graphdef, 0, params, opt_state
+    graphdef, params, opt_state = init_train_state(
+        setup.model_config, setup.tx, setup.mesh, config.seed
+    )
+    return graphdef, 0, params, opt_state
+
+
+def load_params(path: str, model_config: DbrxConfig, abstract_params):
+    """Parameters from an export (checkpoint.export_params) or an HF directory, laid out as
+    `abstract_params` says; the architecture must match the run's."""
+    from dbrx_jax import hf
+
+    if ckpt.is_export(path):
+        ckpt.check_same_model(
+            {"architecture": ckpt.load_export_config(path).architecture()}, model_config, path
+        )
+        return ckpt.restore_params(path, abstract_params)
+    source = hf.from_pretrained(path, dtype=model_config.param_dtype)
+    ckpt.check_same_model({"architecture": source.config.architecture()}, model_config, path)
+    params = nnx.state(source, nnx.Param)
+    return jax.device_put(params, jax.tree.map(lambda x: x.sharding, abstract_params))
+
+
+class _Preemption:
+    """SIGTERM (or JAX's preemption notice, via the checkpointer) -> save at the next step
+    boundary and stop."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM: saving at the next step boundary, then stopping")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains per `config` (see experiment.base_config) in `workdir`, resuming from its latest
+    complete checkpoint; returns a summary (with `preempted` True if SIGTERM cut it short)."""
+    setup = _setup(config, workdir)
+    mesh, model_config = setup.mesh, setup.model_config
+    checkpointer = (
+        ckpt.Checkpointer(
+            os.path.join(workdir, "checkpoints"),
+            keep=config.keep_checkpoints,
+            keep_best=config.keep_best_checkpoint,
+        )
+        if config.checkpoint_every_steps
+        else None
+    )
+    train_iter = iter(setup.datasets["train"]())
+    graphdef, start_step, params, opt_state = _initial_state(
+        setup, config, checkpointer, train_iter
+    )
+    train_step = make_train_step(graphdef, setup.tx, mesh, config.grad_accum_steps)
     eval_step = make_eval_step(graphdef, mesh)
+    schedule = learning_rate_schedule(config)
     log.info(
-        "model %s: %.1fM parameters, %.1fM active; mesh %s",
+        "model %s: %.1fM parameters, %.1fM active; mesh %s; from step %d",
         config.model.preset,
         model_config.num_params() / 1e6,
         model_config.num_active_params() / 1e6,
         dict(mesh.shape),
+        start_step,
     )
 
     tokens_per_step = config.batch_size * config.seq_len
     flops_per_step = flops.train_flops_per_token(model_config, config.seq_len) * tokens_per_step
     peak = metrics.peak_flops()
     writer = metrics.MetricsWriter(workdir, config.total_steps)
-    jitter = model_config.moe_jitter_eps
+    writer.advance(start_step)
     base_key = jax.random.key(config.seed)
     history: list[tuple[int, float]] = []
     eval_history: list[tuple[int, float]] = []
-    train_iter = iter(datasets["train"]())
+    nonfinite_run, preempted = 0, False
     start = last_log = time.perf_counter()
-    last_logged_step = 0
+    last_logged_step = start_step
+
+    def save(step, eval_loss=None):
+        state = {"params": params, "opt_state": opt_state}
+        checkpointer.save(
+            step,
+            state,
+            train_iter,
+            setup.run_config,
+            {"eval_loss": eval_loss} if eval_loss is not None else None,
+        )
+
     try:
-        for step in range(config.total_steps):
-            batch = sharding.shard_batch(next(train_iter), mesh)
-            key = jax.random.fold_in(base_key, step) if jitter else None
-            params, opt_state, step_metrics = train_step(params, opt_state, batch, key)
-            done = step + 1
-            if done == 1 or done % config.log_every_steps == 0 or done == config.total_steps:
-                step_metrics = jax.device_get(step_metrics)
-                now = time.perf_counter()
-                seconds = (now - last_log) / (done - last_logged_step)  # step 1: compile too
-                last_log, last_logged_step = now, done
-                step_metrics.update(
-                    learning_rate=float(schedule(step)),
-                    step_time=seconds,
-                    tokens_per_s=tokens_per_step / seconds,
-                    mfu=flops_per_step / seconds / (peak * jax.device_count()) if peak else None,
+        with _Preemption() as preemption:
+            for step in range(start_step, config.total_steps):
+                batch = sharding.shard_batch(next(train_iter), mesh)
+                key = jax.random.fold_in(base_key, step) if model_config.moe_jitter_eps else None
+                params, opt_state, step_metrics = train_step(params, opt_state, batch, key)
+                done = step + 1
+                skipped = bool(step_metrics["skipped"])
+                nonfinite_run = nonfinite_run + 1 if skipped else 0
+                if nonfinite_run >= config.max_nonfinite_steps:
+                    good = (
+                        checkpointer.steps()[-1] if checkpointer and checkpointer.steps() else None
+                    )
+                    raise FloatingPointError(
+                        f"the loss was not finite for {nonfinite_run} consecutive steps (up to "
+                        f"step {done}); those updates were skipped and the run stops. The last "
+                        f"good checkpoint is step {good} in {workdir}/checkpoints."
+                    )
+                if (
+                    done == start_step + 1
+                    or done % config.log_every_steps == 0
+                    or done == config.total_steps
+                ):
+                    step_metrics = jax.device_get(step_metrics)
+                    now = time.perf_counter()
+                    seconds = (now - last_log) / (done - last_logged_step)  # 1st: compile too
+                    last_log, last_logged_step = now, done
+                    step_metrics.update(
+                        learning_rate=float(schedule(step)),
+                        step_time=seconds,
+                        tokens_per_s=tokens_per_step / seconds,
+                        mfu=flops_per_step / seconds / (peak * jax.device_count())
+                        if peak
+                        else None,
+                    )
+                    history.append((done, float(step_metrics["loss"])))
+                    writer.write(done, {k: v for k, v in step_metrics.items() if v is not None})
+                eval_loss = None
+                if config.eval_every_steps and (
+                    done % config.eval_every_steps == 0 or done == config.total_steps
+                ):
+                    eval_loss = evaluate(
+                        eval_step, params, setup.datasets["eval"](), mesh, config.eval_batches
+                    )
+                    eval_history.append((done, eval_loss))
+                    writer.write(
+                        done, {"loss": eval_loss, "perplexity": np.exp(eval_loss)}, prefix="eval_"
+                    )
+                writer.advance(done)
+                stop = preemption.requested or (
+                    checkpointer is not None and checkpointer.reached_preemption(done)
                 )
-                history.append((done, float(step_metrics["loss"])))
-                writer.write(done, {k: v for k, v in step_metrics.items() if v is not None})
-            if config.eval_every_steps and (
-                done % config.eval_every_steps == 0 or done == config.total_steps
-            ):
-                eval_loss = evaluate(
-                    eval_step, params, datasets["eval"](), mesh, config.eval_batches
-                )
-                eval_history.append((done, eval_loss))
-                writer.write(
-                    done, {"loss": eval_loss, "perplexity": np.exp(eval_loss)}, prefix="eval_"
-                )
-            writer.advance(done)
+                if (
+                    checkpointer is not None
+                    and not skipped
+                    and (
+                        stop
+                        or done % config.checkpoint_every_steps == 0
+                        or done == config.total_steps
+                    )
+                ):
+                    save(done, eval_loss)
+                if stop:
+                    preempted = True
+                    break
     finally:
+        if checkpointer is not None:
+            checkpointer.wait()  # pending asynchronous saves reach the disk before we return
+            checkpointer.close()
         writer.close()
-        del train_iter
-    summary = {
-        "steps": config.total_steps,
+    return {
+        "steps": last_logged_step,
         "first_loss": history[0][1] if history else float("nan"),
         "last_loss": history[-1][1] if history else float("nan"),
         "eval_loss": eval_history[-1][1] if eval_history else float("nan"),
         "wall_s": time.perf_counter() - start,
+        "preempted": preempted,
         "loss_curve": history,
     }
-    return summary
 
 
 def evaluate(eval_step, params, eval_dataset, mesh, max_batches: int) -> float:

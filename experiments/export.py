@@ -1,0 +1,24 @@
+"""Export a training run's parameters (no optimizer state) for from_pretrained, generation, or
+a new run's `init_from`.
+
+    python experiments/export.py --workdir=runs/demo --output=runs/demo-export [--step=550]
+"""
+
+from absl import app, flags
+
+from dbrx_jax import checkpoint
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.", required=True)
+_OUTPUT = flags.DEFINE_string("output", None, "Where to write the export.", required=True)
+_STEP = flags.DEFINE_integer("step", None, "Which checkpoint (default: the latest).")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    step = checkpoint.export_from_workdir(_WORKDIR.value, _OUTPUT.value, _STEP.value)
+    print(f"exported step {step} of {_WORKDIR.value} to {_OUTPUT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)
