@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 
+import grain
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
+from dbrx_jax import checkpoint
+from dbrx_jax.convert import pieces
+from dbrx_jax.hf import TENSOR_MAPS
 from dbrx_jax.moe import ACTIVATIONS
 from dbrx_jax.moe_dispatch import experts
+from dbrx_jax.safetensors_io import SafetensorsCheckpoint, SafetensorsWriter
 
 
 def time_call(fn: Callable, *args, iters: int = 5, warmup: int = 1) -> float:
@@ -196,9 +208,6 @@ def hf_train_step_benchmark(
 def checkpoint_benchmark(directory: str, gib: float = 1.0, arrays: int = 16) -> dict[str, float]:
     """Seconds to save a `gib` GiB state asynchronously (the part that blocks the training loop,
     and until it is on disk) and to restore it, with the training Checkpointer."""
-    import grain
-
-    from dbrx_jax import checkpoint
 
     per_array = int(gib * 2**30 / 4 / arrays)
     key = jax.random.key(0)
@@ -223,3 +232,98 @@ def checkpoint_benchmark(directory: str, gib: float = 1.0, arrays: int = 16) -> 
     restore = time.perf_counter() - start
     saver.close()
     return {"gib": gib, "save_blocking_s": blocking, "save_total_s": total, "restore_s": restore}
+
+
+def synthetic_hf_checkpoint(
+    directory: str, config, *, seed: int = 0, shard_bytes: int = 5 * 10**9
+) -> int:
+    """A DBRX checkpoint with the real tensor names and shapes and random bf16 bits, written
+    piece by piece (never a whole model in memory). Returns its size in bytes."""
+
+    os.makedirs(directory, exist_ok=True)
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    rng = np.random.default_rng(seed)
+    order = [(row, None) for row in TENSOR_MAPS if not row.per_layer]
+    order += [(row, i) for i in range(config.n_layers) for row in TENSOR_MAPS if row.per_layer]
+    shards, size = [[]], 0
+    for row, layer in order:
+        nbytes = int(np.prod(row.hf_shape(config))) * 2
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards, size = [*shards, []], 0
+        shards[-1].append((row, layer))
+        size += nbytes
+    weight_map, total = {}, 0
+    for n, shard in enumerate(shards, start=1):
+        name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        writer = SafetensorsWriter(
+            os.path.join(directory, name),
+            [(r.hf_name.format(i=i), bf16, r.hf_shape(config)) for r, i in shard],
+        )
+        for row, layer in shard:
+            tensor = row.hf_name.format(i=layer)
+            weight_map[tensor] = name
+            shape = row.hf_shape(config)
+            n_pieces = len(pieces(row, config))
+            for _ in range(n_pieces):
+                rows = shape[0] // n_pieces
+                bits = rng.integers(0, 2**16, (rows, *shape[1:]), dtype=np.uint16)
+                writer.write(tensor, bits.view(bf16))
+                total += bits.nbytes
+        writer.close()
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config.to_hf(), f)
+    return total
+
+
+def convert_benchmark(workdir: str, config, *, keep: bool = False) -> dict[str, float]:
+    """hf_to_jax and jax_to_hf of a synthetic checkpoint (each in its own process, which
+    reports its peak RSS), next to a plain copy of the same files; then a bitwise check."""
+
+    hf, ours, back, copy = (os.path.join(workdir, n) for n in ("hf", "ours", "back", "copy"))
+    for path in (hf, ours, back, copy):
+        shutil.rmtree(path, ignore_errors=True)
+    nbytes = synthetic_hf_checkpoint(hf, config)
+    script = os.path.join(os.path.dirname(__file__), "..", "experiments", "convert.py")
+    rows = {
+        "bytes": nbytes,
+        "largest_tensor_bytes": config.moe_num_experts
+        * config.ffn_hidden_size
+        * config.d_model
+        * 2,
+    }
+
+    def run(direction, source, target):
+        start = time.perf_counter()
+        out = subprocess.run(
+            [
+                sys.executable,
+                script,
+                f"--direction={direction}",
+                f"--input={source}",
+                f"--output={target}",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        seconds = time.perf_counter() - start
+        peak = float(re.search(r"peak RSS ([\d.]+) GiB", out).group(1))
+        return {"s": seconds, "MB_per_s": nbytes / seconds / 1e6, "peak_rss_gib": peak}
+
+    start = time.perf_counter()
+    shutil.copytree(hf, copy)
+    rows["copy"] = {"s": time.perf_counter() - start}
+    rows["copy"]["MB_per_s"] = nbytes / rows["copy"]["s"] / 1e6
+    shutil.rmtree(copy)
+    rows["hf_to_jax"] = run("hf_to_jax", hf, ours)
+    rows["jax_to_hf"] = run("jax_to_hf", ours, back)
+    a, b = SafetensorsCheckpoint(hf), SafetensorsCheckpoint(back)
+    rows["round_trip_bitwise"] = all(
+        np.array_equal(a.get(n).view(np.uint16), b.get(n).view(np.uint16)) for n in a
+    )
+    if not keep:
+        for path in (hf, ours, back):
+            shutil.rmtree(path, ignore_errors=True)
+    return rows

@@ -179,3 +179,68 @@ class SafetensorsCheckpoint:
 
     def get(self, name: str) -> np.ndarray:
         return self.files[self.file_of[name]].get(name)
+
+
+def read_rows(file: SafetensorsFile, name: str, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a tensor, read with a plain file read (not the memory map, whose
+    touched pages would count toward this process' resident memory)."""
+    dtype, shape, begin, _ = file._entries[name]
+    row_elems = int(np.prod(shape[1:]))
+    offset = file._data_start + begin + start * row_elems * dtype.itemsize
+    with open(file.path, "rb") as f:
+        f.seek(offset)
+        out = np.fromfile(f, dtype=dtype, count=(stop - start) * row_elems)
+    if out.size != (stop - start) * row_elems:
+        raise ValueError(f"{file.path}: truncated while reading tensor {name!r}")
+    return out.reshape(stop - start, *shape[1:])
+
+
+class SafetensorsWriter:
+    """Writes one `.safetensors` file front to back: the header (every tensor's name, dtype and
+    shape, known in advance) first, then each tensor's bytes, possibly in row pieces, in the
+    header's order. Nothing is held in memory beyond the piece being written."""
+
+    def __init__(
+        self,
+        path: str,
+        tensors: list[tuple[str, np.dtype, tuple[int, ...]]],
+        metadata: dict[str, str] | None = None,
+    ):
+        self.path = path
+        names = {np.dtype(v): k for k, v in DTYPES.items()}
+        header: dict = {"__metadata__": metadata or {"format": "pt"}}
+        offset = 0
+        self._plan = []
+        for name, dtype, shape in tensors:
+            nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            header[name] = {
+                "dtype": names[np.dtype(dtype)],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            self._plan.append((name, np.dtype(dtype), nbytes))
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        self._file = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._next = 0
+        self._written = 0
+
+    def write(self, name: str, piece: np.ndarray) -> None:
+        expected, dtype, nbytes = self._plan[self._next]
+        if name != expected or piece.dtype != dtype:
+            raise ValueError(
+                f"{self.path}: expected {expected} ({dtype}) next, got {name} ({piece.dtype})"
+            )
+        np.ascontiguousarray(piece).tofile(self._file)
+        self._written += piece.nbytes
+        if self._written > nbytes:
+            raise ValueError(f"{self.path}: too many bytes for {name}")
+        if self._written == nbytes:
+            self._next, self._written = self._next + 1, 0
+
+    def close(self) -> None:
+        if self._next != len(self._plan):
+            raise ValueError(f"{self.path}: {len(self._plan) - self._next} tensors not written")
+        self._file.close()

@@ -1,0 +1,211 @@
+"""The streaming converter: bitwise round trips, logits, input layouts, and refusals."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+import transformers
+
+import dbrx_jax
+from dbrx_jax import DbrxConfig, convert
+from dbrx_jax.safetensors_io import SafetensorsCheckpoint
+from tests import hf_reference
+
+CONFIG = DbrxConfig.preset("dbrx-tiny", vocab_size=128, n_layers=2)
+TOKENS = jnp.asarray(np.random.RandomState(0).randint(0, 128, (2, 9)), jnp.int32)
+
+
+def _tensors(directory):
+    ckpt = SafetensorsCheckpoint(directory)
+    return {name: np.array(ckpt.get(name)) for name in ckpt}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shard", ["single", "sharded"])
+def test_round_trip_is_bitwise_and_transformers_loads_it(tmp_path, dtype, shard):
+    model = hf_reference.hf_model(CONFIG, seed=7).to(dtype)
+    model.save_pretrained(
+        tmp_path / "hf", **({"max_shard_size": "150KB"} if shard == "sharded" else {})
+    )
+    (tmp_path / "hf" / "tokenizer.json").write_text("{}")  # carried along both ways
+    convert.hf_to_jax(str(tmp_path / "hf"), str(tmp_path / "ours"), progress=False)
+    convert.jax_to_hf(
+        str(tmp_path / "ours"), str(tmp_path / "back"), progress=False, shard_bytes=100_000
+    )
+    original, back = _tensors(tmp_path / "hf"), _tensors(tmp_path / "back")
+    assert original.keys() == back.keys()
+    for name, value in original.items():
+        assert back[name].dtype == value.dtype
+        np.testing.assert_array_equal(back[name].view(np.uint8), value.view(np.uint8), err_msg=name)
+    assert (tmp_path / "back" / "tokenizer.json").exists()
+    assert len(list((tmp_path / "back").glob("model-*.safetensors"))) > 1
+    generation = json.loads((tmp_path / "back" / "generation_config.json").read_text())
+    assert generation == {}  # the tiny preset sets no token ids
+    # Both loaded the same way (a model moved with .to(bf16) also rounds RoPE's inv_freq).
+    logits = []
+    for directory in (tmp_path / "hf", tmp_path / "back"):
+        loaded = transformers.DbrxForCausalLM.from_pretrained(
+            directory, dtype=dtype, attn_implementation="sdpa"
+        ).eval()
+        with torch.no_grad():
+            hf_reference._without_clip_crash(loaded)
+            ids = torch.as_tensor(np.asarray(TOKENS), dtype=torch.long)
+            logits.append(loaded(ids).logits.float().numpy())
+    np.testing.assert_array_equal(logits[1], logits[0])
+
+
+def test_converted_model_gives_the_same_logits(tmp_path):
+    """Bitwise the logits of loading the HF directory directly, which test_hf_parity.py holds
+    to transformers' (float64 to 1e-9; float32 within 3x transformers' own error)."""
+    model = hf_reference.hf_model(CONFIG, seed=8)
+    model.save_pretrained(tmp_path / "hf")
+    convert.hf_to_jax(str(tmp_path / "hf"), str(tmp_path / "ours"), progress=False)
+    ours = dbrx_jax.from_pretrained(tmp_path / "ours")
+    direct = dbrx_jax.from_pretrained(tmp_path / "hf")
+    np.testing.assert_array_equal(ours(TOKENS).logits, direct(TOKENS).logits)
+    reference, _ = hf_reference.run(model, np.asarray(TOKENS))
+    scale = np.abs(reference).max()
+    assert np.abs(np.asarray(ours(TOKENS).logits) - reference).max() <= 1e-3 * scale
+
+
+def test_float32_and_bfloat16_outputs(tmp_path):
+    hf_reference.hf_model(CONFIG, seed=9).save_pretrained(tmp_path / "hf")
+    config = convert.hf_to_jax(
+        str(tmp_path / "hf"), str(tmp_path / "bf16"), dtype="bfloat16", progress=False
+    )
+    assert config.param_dtype == "bfloat16"
+    model = dbrx_jax.from_pretrained(tmp_path / "bf16")
+    assert model.wte[...].dtype == jnp.bfloat16
+    convert.jax_to_hf(
+        str(tmp_path / "bf16"), str(tmp_path / "back32"), dtype="float32", progress=False
+    )
+    back = _tensors(tmp_path / "back32")
+    original = _tensors(tmp_path / "hf")
+    name = "transformer.blocks.1.ffn.experts.mlp.w2"
+    np.testing.assert_array_equal(
+        back[name], original[name].astype(jnp.bfloat16).astype(np.float32)
+    )
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    hf_reference.hf_model(CONFIG, seed=10).save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+def _write(directory, tensors, config_from):
+    os.makedirs(directory, exist_ok=True)
+    shutil.copy(config_from / "config.json", directory)
+    safetensors.numpy.save_file(tensors, str(directory / "model.safetensors"))
+    return directory
+
+
+def _refused(source, output, match, **kwargs):
+    with pytest.raises((ValueError, FileNotFoundError, FileExistsError), match=match):
+        convert.hf_to_jax(str(source), str(output), progress=False, **kwargs)
+    leftovers = [p for p in os.listdir(output.parent) if p.startswith(output.name)]
+    assert leftovers == [] or kwargs.get("overwrite") is False
+
+
+def test_bad_inputs_are_refused_and_leave_nothing(hf_dir, tmp_path):
+    out = tmp_path / "out"
+    tensors = _tensors(hf_dir)
+    missing = dict(tensors)
+    del missing["transformer.blocks.0.ffn.experts.mlp.w2"]
+    _refused(
+        _write(tmp_path / "missing", missing, hf_dir),
+        out,
+        r"missing tensor 'transformer.blocks.0.ffn.experts.mlp.w2'.*\[1536, 64\]",
+    )
+    extra = dict(tensors, **{"transformer.blocks.0.extra.weight": np.ones(3, np.float32)})
+    _refused(_write(tmp_path / "extra", extra, hf_dir), out, r"unexpected tensor")
+    misshapen = dict(tensors, **{"lm_head.weight": np.ones((128, 32), np.float32)})
+    _refused(
+        _write(tmp_path / "shape", misshapen, hf_dir),
+        out,
+        r"model.safetensors: tensor 'lm_head.weight' has shape \[128, 32\], expected",
+    )
+    truncated = tmp_path / "truncated"
+    shutil.copytree(hf_dir, truncated)
+    with open(truncated / "model.safetensors", "r+b") as f:
+        f.truncate(os.path.getsize(truncated / "model.safetensors") // 2)
+    _refused(truncated, out, r"model.safetensors: truncated")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(hf_dir / "config.json", pickled)
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80")
+    _refused(pickled, out, r"pickled checkpoints")
+    llama = tmp_path / "llama"
+    shutil.copytree(hf_dir, llama)
+    cfg = json.loads((llama / "config.json").read_text()) | {"model_type": "llama"}
+    (llama / "config.json").write_text(json.dumps(cfg))
+    _refused(llama, out, r"not a DBRX config")
+    inv_freq = dict(
+        tensors,
+        **{"transformer.blocks.0.norm_attn_norm.attn.rotary_emb.inv_freq": np.ones(8, np.float32)},
+    )
+    convert.hf_to_jax(str(_write(tmp_path / "inv", inv_freq, hf_dir)), str(out), progress=False)
+    assert os.listdir(tmp_path).count("out") == 1
+
+
+def test_existing_output_needs_overwrite_and_survives_a_failure(hf_dir, tmp_path):
+    out = tmp_path / "out"
+    convert.hf_to_jax(str(hf_dir), str(out), progress=False)
+    with pytest.raises(FileExistsError, match="exists; pass --overwrite"):
+        convert.hf_to_jax(str(hf_dir), str(out), progress=False)
+    broken = tmp_path / "broken"
+    shutil.copytree(hf_dir, broken)
+    with open(broken / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError):
+        convert.hf_to_jax(str(broken), str(out), progress=False, overwrite=True)
+    assert dbrx_jax.from_pretrained(out)(TOKENS).logits.shape == (2, 9, 128)  # still intact
+    assert sorted(os.listdir(tmp_path)) == ["broken", "hf", "out"]  # no temporary leftovers
+
+
+def test_command_line(hf_dir, tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "experiments/convert.py",
+            "--direction=hf_to_jax",
+            f"--input={hf_dir}",
+            f"--output={tmp_path / 'ours'}",
+            "--mesh=expert=4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "peak RSS" in result.stdout
+    chunks = json.loads(
+        (tmp_path / "ours" / "params" / "blocks.ffn.w1.value" / ".zarray").read_text()
+    )["chunks"]
+    assert chunks == [1, 4, 64, 96]  # one layer, the 4 experts one device of expert=4 holds
+
+
+def test_bench_convert_smoke(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "experiments/bench_convert.py",
+            "--preset=dbrx-tiny",
+            "--layers=2",
+            f"--workdir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout[result.stdout.index("{") :])
+    assert report["round_trip_bitwise"] is True  # random bits, NaN payloads included
+    assert report["hf_to_jax"]["peak_rss_gib"] > 0 and report["copy"]["MB_per_s"] > 0
