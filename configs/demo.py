@@ -28,4 +28,5 @@ def get_config():
     config.mesh.data = 4
     config.mesh.expert = 2
     config.data.spm_vocab_size = 512
+    config.sample_prompts = "In the beginning|And Jesus said unto them|The LORD is my shepherd"
     return config

@@ -327,3 +327,64 @@ def convert_benchmark(workdir: str, config, *, keep: bool = False) -> dict[str, 
         for path in (hf, ours, back):
             shutil.rmtree(path, ignore_errors=True)
     return rows
+
+
+def generate_benchmark(
+    config, batch: int, prompt_len: int, new_tokens: int, *, iters: int = 3
+) -> dict[str, float]:
+    """Prefill and decode tokens/s of `generate` on a random model (all new tokens are made:
+    no stop ids). Decode time is the difference between `new_tokens` and 1 new token."""
+    from flax import nnx
+
+    from dbrx_jax.generate import generate
+    from dbrx_jax.model import Dbrx
+
+    model = Dbrx(config, rngs=nnx.Rngs(0))
+    prompts = np.random.RandomState(0).randint(0, config.vocab_size, (batch, prompt_len))
+    prompts = prompts.tolist()
+
+    def run(n):
+        return generate(model, prompts, max_new_tokens=n).tokens_BN
+
+    prefill_s = time_call(run, 1, iters=iters)
+    total_s = time_call(run, new_tokens, iters=iters)
+    decode_s = max(total_s - prefill_s, 1e-9)
+    return {
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "prefill_tokens_per_s": batch * prompt_len / prefill_s,
+        "decode_tokens_per_s": batch * (new_tokens - 1) / decode_s,
+        "decode_step_s": decode_s / (new_tokens - 1),
+    }
+
+
+def hf_generate_benchmark(
+    config, batch: int, prompt_len: int, new_tokens: int, *, iters: int = 3, dtype: str = "float32"
+) -> dict[str, float]:
+    """The same measurement for transformers' `generate` (greedy, KV cache). Needs torch."""
+    import torch
+    import transformers
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf_config = transformers.DbrxConfig(**config.to_hf())
+    model = transformers.DbrxForCausalLM(hf_config).to(device=device, dtype=getattr(torch, dtype))
+    model.eval()
+    for block in model.transformer.blocks:  # transformers 5.x cannot clamp with clip_qkv None
+        if block.norm_attn_norm.attn.clip_qkv is None:
+            block.norm_attn_norm.attn.clip_qkv = float("inf")
+    ids = torch.randint(0, config.vocab_size, (batch, prompt_len), device=device)
+
+    def run(n):
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    prefill_s = time_call(run, 1, iters=iters)
+    decode_s = max(time_call(run, new_tokens, iters=iters) - prefill_s, 1e-9)
+    return {
+        "prefill_tokens_per_s": batch * prompt_len / prefill_s,
+        "decode_tokens_per_s": batch * (new_tokens - 1) / decode_s,
+        "device": device,
+    }

@@ -23,7 +23,7 @@ DTYPES = {
     "float64": jnp.float64,
 }
 ATTENTION_IMPLS = ("xla", "cudnn", "reference")
-MOE_IMPLS = ("auto", "dense", "dropless", "capacity")  # see moe_dispatch.py
+MOE_IMPLS = ("auto", "dense", "dropless", "capacity", "gather")  # see moe_dispatch.py
 GMM_IMPLS = ("auto", "ragged_dot", "tokamax", "megablox", "blocked")  # see gmm.py
 MOE_EXCHANGES = ("all_gather", "all_to_all")  # see moe_parallel.py
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -76,7 +76,7 @@ class DbrxConfig:
     param_dtype: str = "float32"  # stored parameters (the master copy when training)
     remat_policy: str = "none"  # one of REMAT_POLICIES, applied to each scanned block
     attention_impl: str = "xla"  # one of ATTENTION_IMPLS
-    moe_impl: str = "auto"  # one of MOE_IMPLS: auto is dropless (exact)
+    moe_impl: str = "auto"  # one of MOE_IMPLS: auto is exact (dropless; gather when decoding)
     gmm_impl: str = "auto"  # grouped GEMM of the dropless path, one of GMM_IMPLS
     capacity_factor: float = 1.0  # of the capacity path: slots per expert = cf * T * k / E
     moe_exchange: str = "all_gather"  # how tokens reach experts on other devices

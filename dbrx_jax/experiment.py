@@ -64,6 +64,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_best_checkpoint = False  # ... plus the one with the best eval loss
     c.max_nonfinite_steps = 5  # consecutive steps with a non-finite loss before the run stops
     c.init_from = ""  # start from these parameters (an export or an HF directory), new optimizer
+    c.sample_prompts = ""  # after training, continue these prompts ("|"-separated), greedily
+    c.sample_tokens = 40
     c.eval_every_steps = 50
     c.eval_batches = 4
     c.log_every_steps = 10

@@ -28,3 +28,15 @@ def train_flops_per_token(c: DbrxConfig, seq_len: int) -> int:
 
 def forward_flops_per_token(c: DbrxConfig, seq_len: int) -> int:
     return train_flops_per_token(c, seq_len) // 3
+
+
+def decode_bytes_per_step(c: DbrxConfig, batch: int, context: int, bytes_per_param: int = 2) -> int:
+    """Bytes a decode step must read: every non-expert weight, the experts the batch's tokens
+    can touch (at most all E), one embedding row per token, and the KV cache so far."""
+    d, e, f = c.d_model, c.moe_num_experts, c.ffn_hidden_size
+    attention = d * (d + 2 * c.kv_n_heads * c.head_dim) + d * d + 2 * d
+    experts_touched = min(e, batch * c.moe_top_k)
+    per_layer = attention + d * e + experts_touched * 3 * d * f
+    weights = c.n_layers * per_layer + d * c.vocab_size + d + batch * d
+    kv_cache = 2 * c.n_layers * batch * context * c.kv_n_heads * c.head_dim
+    return (weights + kv_cache) * bytes_per_param

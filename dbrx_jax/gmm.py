@@ -17,6 +17,7 @@ Backends (`DbrxConfig.gmm_impl`):
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import jax
@@ -46,9 +47,14 @@ def resolve_gmm_impl(impl: str, platform: str | None = None) -> str:
     return "blocked" if platform == "cpu" else "ragged_dot"
 
 
-def row_alignment(impl: str) -> int:
-    """Every expert's first row must be a multiple of this in the rows given to the backend."""
-    return BLOCK_ROWS if resolve_gmm_impl(impl) == "blocked" else 1
+def row_alignment(impl: str, num_rows: int = 0, num_groups: int = 1) -> int:
+    """Every expert's first row must be a multiple of this in the rows given to the backend:
+    the block loop's block size, up to BLOCK_ROWS but no bigger than the average group needs
+    (a decode step has a handful of rows: 128-row blocks would be mostly padding)."""
+    if resolve_gmm_impl(impl) != "blocked":
+        return 1
+    per_group = max(1, -(-num_rows // num_groups)) if num_rows else BLOCK_ROWS
+    return min(BLOCK_ROWS, max(8, 1 << (per_group - 1).bit_length()))
 
 
 def tokamax_available() -> bool:
@@ -62,6 +68,7 @@ def grouped_matmul(
     *,
     impl: str = "auto",
     preferred_element_type=None,
+    block_rows: int = BLOCK_ROWS,
 ) -> jax.Array:
     """`[R, K] x [E, K, N] -> [R, N]` with the rows grouped by expert (see module docstring).
     Rows past `sum(group_sizes)` come back as zeros."""
@@ -81,21 +88,23 @@ def grouped_matmul(
             implementation="mosaic",
         )
     if impl == "blocked":
-        return _blocked(lhs_RK, rhs_EKN, group_sizes_E, out_dtype)
+        return _blocked(lhs_RK, rhs_EKN, group_sizes_E, out_dtype, block_rows)
     return _megablox(lhs_RK, rhs_EKN, group_sizes_E, out_dtype)
 
 
-def _blocked(lhs_RK, rhs_EKN, group_sizes_E, out_dtype):
+def _blocked(lhs_RK, rhs_EKN, group_sizes_E, out_dtype, block_rows):
     R = lhs_RK.shape[0]
-    if R % BLOCK_ROWS:
-        raise ValueError(f"gmm_impl='blocked' needs a multiple of {BLOCK_ROWS} rows, got {R}")
-    return _blocked_gmm(lhs_RK, rhs_EKN, group_sizes_E).astype(out_dtype)
+    if R % block_rows:
+        raise ValueError(f"gmm_impl='blocked' needs a multiple of {block_rows} rows, got {R}")
+    return _blocked_gmm(lhs_RK, rhs_EKN, group_sizes_E, block_rows).astype(out_dtype)
 
 
-def _block_experts(group_sizes_E: jax.Array, num_blocks: int) -> tuple[jax.Array, jax.Array]:
+def _block_experts(
+    group_sizes_E: jax.Array, num_blocks: int, block_rows: int
+) -> tuple[jax.Array, jax.Array]:
     """The expert of every block of rows, and whether the block holds any rows at all."""
     ends_E = jnp.cumsum(group_sizes_E)
-    starts_B = jnp.arange(num_blocks) * BLOCK_ROWS
+    starts_B = jnp.arange(num_blocks) * block_rows
     expert_B = jnp.minimum(jnp.searchsorted(ends_E, starts_B, side="right"), len(ends_E) - 1)
     return expert_B, starts_B < ends_E[-1]
 
@@ -104,11 +113,11 @@ def _accumulator(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)  # fp32, or float64 for float64 inputs
 
 
-def _blocked_forward(lhs_RK, rhs_EKN, group_sizes_E):
-    """One GEMM per block of BLOCK_ROWS rows with its expert's matrix; empty blocks skipped."""
+def _blocked_forward(lhs_RK, rhs_EKN, group_sizes_E, block_rows):
+    """One GEMM per block of rows with its expert's matrix; empty blocks skipped."""
     R, K = lhs_RK.shape
-    num_blocks, N = R // BLOCK_ROWS, rhs_EKN.shape[2]
-    expert_B, used_B = _block_experts(group_sizes_E, num_blocks)
+    num_blocks, N = R // block_rows, rhs_EKN.shape[2]
+    expert_B, used_B = _block_experts(group_sizes_E, num_blocks, block_rows)
     acc = _accumulator(lhs_RK.dtype)
 
     def block(_, xs):
@@ -116,32 +125,33 @@ def _blocked_forward(lhs_RK, rhs_EKN, group_sizes_E):
         y_bN = jax.lax.cond(
             used,
             lambda: jnp.matmul(x_bK, rhs_EKN[expert], preferred_element_type=acc),
-            lambda: jnp.zeros((BLOCK_ROWS, N), acc),
+            lambda: jnp.zeros((block_rows, N), acc),
         )
         return None, y_bN.astype(lhs_RK.dtype)
 
-    xs = (lhs_RK.reshape(num_blocks, BLOCK_ROWS, K), expert_B, used_B)
+    xs = (lhs_RK.reshape(num_blocks, block_rows, K), expert_B, used_B)
     return jax.lax.scan(block, None, xs)[1].reshape(R, N)
 
 
-@jax.custom_vjp
-def _blocked_gmm(lhs_RK, rhs_EKN, group_sizes_E):
-    return _blocked_forward(lhs_RK, rhs_EKN, group_sizes_E)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _blocked_gmm(lhs_RK, rhs_EKN, group_sizes_E, block_rows):
+    return _blocked_forward(lhs_RK, rhs_EKN, group_sizes_E, block_rows)
 
 
-def _blocked_gmm_fwd(lhs_RK, rhs_EKN, group_sizes_E):
-    return _blocked_forward(lhs_RK, rhs_EKN, group_sizes_E), (lhs_RK, rhs_EKN, group_sizes_E)
+def _blocked_gmm_fwd(lhs_RK, rhs_EKN, group_sizes_E, block_rows):
+    out = _blocked_forward(lhs_RK, rhs_EKN, group_sizes_E, block_rows)
+    return out, (lhs_RK, rhs_EKN, group_sizes_E)
 
 
-def _blocked_gmm_bwd(residuals, g_RN):
+def _blocked_gmm_bwd(block_rows, residuals, g_RN):
     """d lhs: the same block loop against the transposed matrices. d rhs: each block adds
     x_b^T g_b into its expert's slice of an fp32 accumulator carried through the loop (autodiff
     of the forward would add a full [E, K, N] array per block instead)."""
     lhs_RK, rhs_EKN, group_sizes_E = residuals
-    d_lhs = _blocked_forward(g_RN, rhs_EKN.transpose(0, 2, 1), group_sizes_E)
+    d_lhs = _blocked_forward(g_RN, rhs_EKN.transpose(0, 2, 1), group_sizes_E, block_rows)
     R, K = lhs_RK.shape
-    num_blocks, N = R // BLOCK_ROWS, g_RN.shape[1]
-    expert_B, used_B = _block_experts(group_sizes_E, num_blocks)
+    num_blocks, N = R // block_rows, g_RN.shape[1]
+    expert_B, used_B = _block_experts(group_sizes_E, num_blocks, block_rows)
     acc = _accumulator(lhs_RK.dtype)
 
     def block(d_rhs, xs):
@@ -153,8 +163,8 @@ def _blocked_gmm_bwd(residuals, g_RN):
         return d_rhs, None
 
     xs = (
-        lhs_RK.reshape(num_blocks, BLOCK_ROWS, K),
-        g_RN.reshape(num_blocks, BLOCK_ROWS, N),
+        lhs_RK.reshape(num_blocks, block_rows, K),
+        g_RN.reshape(num_blocks, block_rows, N),
         expert_B,
         used_B,
     )

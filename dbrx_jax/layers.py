@@ -108,13 +108,15 @@ def dot_product_attention(
     mask_B1TS: jax.Array | None,
     *,
     impl: str,
+    causal: bool = True,
 ) -> jax.Array:
-    """Causal GQA attention. `impl`: 'xla' or 'cudnn' (`jax.nn.dot_product_attention`, which does
-    the softmax in fp32), or 'reference' (plain einsums; softmax in fp32, or float64 for float64
-    inputs, which JAX's own always casts to fp32)."""
+    """GQA attention. `impl`: 'xla' or 'cudnn' (`jax.nn.dot_product_attention`, which does the
+    softmax in fp32), or 'reference' (plain einsums; softmax in fp32, or float64 for float64
+    inputs, which JAX's own always casts to fp32). `causal=False` leaves all masking to
+    `mask_B1TS` (the KV-cache path, where queries sit at arbitrary cache slots)."""
     if impl in ("xla", "cudnn"):
         return jax.nn.dot_product_attention(
-            q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, is_causal=True, implementation=impl
+            q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, is_causal=causal, implementation=impl
         )
     if impl != "reference":
         raise ValueError(f"attention impl {impl!r}: expected 'xla', 'cudnn' or 'reference'")
@@ -125,8 +127,11 @@ def dot_product_attention(
         "BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=at_least_fp32(q_BTNH.dtype)
     )
     logits_BKGTS = logits_BKGTS * np.asarray(H**-0.5, logits_BKGTS.dtype)
-    allowed_TS = jnp.tril(jnp.ones((T, S), bool), k=S - T)  # causal, queries at the end
-    allowed = allowed_TS if mask_B1TS is None else allowed_TS & mask_B1TS
+    allowed = jnp.ones((T, S), bool)
+    if causal:
+        allowed = jnp.tril(allowed, k=S - T)  # queries at the end
+    if mask_B1TS is not None:
+        allowed = allowed & mask_B1TS
     allowed_B11TS = jnp.broadcast_to(allowed, (B, 1, T, S))[:, :, None]
     logits_BKGTS = jnp.where(allowed_B11TS, logits_BKGTS, jnp.finfo(logits_BKGTS.dtype).min)
     probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)  # fp32 softmax
@@ -158,9 +163,10 @@ class Attention(nnx.Module):
         self.impl = c.attention_impl
         self.dtype = c.compute_dtype
 
-    def __call__(
-        self, x_BTD: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array, mask_B1TS: jax.Array | None
-    ) -> jax.Array:
+    def project(
+        self, x_BTD: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries, keys and values: fused projection, clipping, RoPE on q and k."""
         B, T, _ = x_BTD.shape
         _, K, J, H = self.wqkv.shape
         G = J - 2
@@ -171,7 +177,39 @@ class Attention(nnx.Module):
         q_BTNH = qkv_BTKJH[:, :, :, :G].reshape(B, T, K * G, H)
         k_BTKH = qkv_BTKJH[:, :, :, G]
         v_BTKH = qkv_BTKJH[:, :, :, G + 1]
-        q_BTNH = apply_rope(q_BTNH, cos_BTH, sin_BTH)
-        k_BTKH = apply_rope(k_BTKH, cos_BTH, sin_BTH)
-        out_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask_B1TS, impl=self.impl)
+        return apply_rope(q_BTNH, cos_BTH, sin_BTH), apply_rope(k_BTKH, cos_BTH, sin_BTH), v_BTKH
+
+    def _output(self, out_BTNH: jax.Array) -> jax.Array:
         return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.out[...].astype(self.dtype))
+
+    def __call__(
+        self, x_BTD: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array, mask_B1TS: jax.Array | None
+    ) -> jax.Array:
+        q_BTNH, k_BTKH, v_BTKH = self.project(x_BTD, cos_BTH, sin_BTH)
+        out_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask_B1TS, impl=self.impl)
+        return self._output(out_BTNH)
+
+    def cached(
+        self,
+        x_BTD: jax.Array,
+        cos_BTH: jax.Array,
+        sin_BTH: jax.Array,
+        mask_B1TS: jax.Array,
+        k_cache_BSKH: jax.Array,
+        v_cache_BSKH: jax.Array,
+        start: jax.Array,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Attention for T new tokens at cache slots [start, start + T): their keys (after RoPE)
+        and values (after clipping) go into the cache, and they attend over it as `mask_B1TS`
+        allows. Returns the output and the updated caches."""
+        q_BTNH, k_BTKH, v_BTKH = self.project(x_BTD, cos_BTH, sin_BTH)
+        k_cache_BSKH = jax.lax.dynamic_update_slice_in_dim(
+            k_cache_BSKH, k_BTKH.astype(k_cache_BSKH.dtype), start, axis=1
+        )
+        v_cache_BSKH = jax.lax.dynamic_update_slice_in_dim(
+            v_cache_BSKH, v_BTKH.astype(v_cache_BSKH.dtype), start, axis=1
+        )
+        out_BTNH = dot_product_attention(
+            q_BTNH, k_cache_BSKH, v_cache_BSKH, mask_B1TS, impl=self.impl, causal=False
+        )
+        return self._output(out_BTNH), k_cache_BSKH, v_cache_BSKH

@@ -27,6 +27,17 @@ PEAK_FLOPS = {
 }
 
 
+# HBM bandwidth per chip (bytes/s), for the decode roofline.
+PEAK_BANDWIDTH = {
+    "H200": 4.8e12,
+    "H100": 3.35e12,
+    "A100": 2.0e12,
+    "TPU v5p": 2.76e12,
+    "TPU v5 lite": 8.2e11,
+    "TPU v6 lite": 1.64e12,
+    "TPU v4": 1.2e12,
+}
+
 _CONSOLE = ("loss", "ce", "grad_norm", "learning_rate", "tokens_per_s", "mfu", "eval_loss")
 
 
@@ -36,6 +47,14 @@ def peak_flops(device_kind: str | None = None) -> float | None:
     for name, flops in PEAK_FLOPS.items():
         if name.lower() in kind.lower():
             return flops
+    return None
+
+
+def peak_bandwidth(device_kind: str | None = None) -> float | None:
+    kind = device_kind or jax.devices()[0].device_kind
+    for name, bandwidth in PEAK_BANDWIDTH.items():
+        if name.lower() in kind.lower():
+            return bandwidth
     return None
 
 

@@ -40,6 +40,34 @@ class DbrxOutput:
     router: RouterOutput
 
 
+@struct.dataclass
+class KVCache:
+    """Keys (after RoPE) and values (after clipping) of every layer, preallocated for S slots.
+
+    k, v: `[L, B, S, K, H]`. valid_BS: the slot holds a real token (left padding does not).
+    length: slots written so far, the same for every row (prompts are left-padded).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid_BS: jax.Array
+    length: jax.Array
+
+    @classmethod
+    def zeros(cls, config: DbrxConfig, batch: int, max_len: int) -> KVCache:
+        shape = (config.n_layers, batch, max_len, config.kv_n_heads, config.head_dim)
+        zeros = jnp.zeros(shape, config.compute_dtype)
+        return cls(
+            k=zeros,
+            v=zeros,
+            valid_BS=jnp.zeros((batch, max_len), bool),
+            length=jnp.zeros((), jnp.int32),
+        )
+
+
+CACHE_AXES = ("layers", "batch", "seq", "kv_heads", "head_dim")
+
+
 class DbrxBlock(nnx.Module):
     def __init__(self, config: DbrxConfig, *, rngs: nnx.Rngs):
         self.norm_1 = LayerNorm(config)
@@ -58,6 +86,14 @@ class DbrxBlock(nnx.Module):
         h_BTD = h_BTD + self.attn(self.norm_1(h_BTD), cos_BTH, sin_BTH, mask_B1TS)
         moe = self.ffn(self.norm_2(h_BTD), jitter_key)
         return constrain(h_BTD + moe.y_BTD, ACTIVATION_AXES), moe.router
+
+    def cached(self, h_BTD, cos_BTH, sin_BTH, mask_B1TS, k_cache_BSKH, v_cache_BSKH, start):
+        """The block for new tokens against this layer's KV cache (see Attention.cached)."""
+        attn_BTD, k_cache_BSKH, v_cache_BSKH = self.attn.cached(
+            self.norm_1(h_BTD), cos_BTH, sin_BTH, mask_B1TS, k_cache_BSKH, v_cache_BSKH, start
+        )
+        h_BTD = h_BTD + attn_BTD
+        return h_BTD + self.ffn(self.norm_2(h_BTD)).y_BTD, k_cache_BSKH, v_cache_BSKH
 
 
 def positions_from_segments(segment_ids_BT: jax.Array) -> jax.Array:
@@ -163,6 +199,56 @@ class Dbrx(nnx.Module):
         logits_BTV = jnp.einsum("BTD,DV->BTV", h_BTD, self.lm_head[...].astype(dtype))
         logits_BTV = constrain(logits_BTV, ("batch", "seq", "vocab"))
         return DbrxOutput(logits=logits_BTV, router=router)
+
+    def extend(
+        self,
+        tokens_BT: jax.Array,
+        positions_BT: jax.Array,
+        valid_BT: jax.Array,
+        cache: KVCache,
+    ) -> tuple[jax.Array, KVCache]:
+        """Runs T new tokens (a prompt, or one step of decoding) through the model against the
+        KV cache, filling its next T slots. `valid_BT` is False for left padding (nothing
+        attends to those slots). Returns the final-norm hidden states `[B, T, D]` (`logits`
+        turns the ones needed into logits) and the updated cache."""
+        c = self.config
+        T = tokens_BT.shape[1]
+        h_BTD = constrain(
+            jnp.take(self.wte[...], tokens_BT, axis=0).astype(c.compute_dtype), ACTIVATION_AXES
+        )
+        cos_BTH, sin_BTH = rope_tables(positions_BT, c.head_dim, c.rope_theta, c.compute_dtype)
+        start = cache.length
+        valid_BS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BS, valid_BT, start, axis=1)
+        S = valid_BS.shape[1]
+        slot_T = start + jnp.arange(T)
+        causal_TS = jnp.arange(S)[None, :] <= slot_T[:, None]
+        mask_B1TS = (causal_TS[None, :, :] & valid_BS[:, None, :])[:, None]
+        graphdef, stacked_state = nnx.split(self.blocks)
+
+        def body(carry, layer):
+            h_BTD, k_LBSKH, v_LBSKH = carry
+            layer_state, index = layer
+            block = nnx.merge(graphdef, layer_state)
+            h_BTD, k_BSKH, v_BSKH = block.cached(
+                h_BTD, cos_BTH, sin_BTH, mask_B1TS, k_LBSKH[index], v_LBSKH[index], start
+            )
+            k_LBSKH = jax.lax.dynamic_update_index_in_dim(k_LBSKH, k_BSKH, index, 0)
+            v_LBSKH = jax.lax.dynamic_update_index_in_dim(v_LBSKH, v_BSKH, index, 0)
+            return (constrain(h_BTD, ACTIVATION_AXES), k_LBSKH, v_LBSKH), None
+
+        k, v = constrain(cache.k, CACHE_AXES), constrain(cache.v, CACHE_AXES)
+        (h_BTD, k, v), _ = jax.lax.scan(
+            body, (h_BTD, k, v), (stacked_state, jnp.arange(c.n_layers))
+        )
+        new_cache = KVCache(k=k, v=v, valid_BS=valid_BS, length=start + T)
+        return self.norm_f(h_BTD), new_cache
+
+    def logits(self, h_BTD: jax.Array) -> jax.Array:
+        """lm_head on final-norm hidden states (from `extend`)."""
+        logits = jnp.einsum(
+            "BTD,DV->BTV", h_BTD, self.lm_head[...].astype(self.config.compute_dtype)
+        )
+        return constrain(logits, ("batch", "seq", "vocab"))
 
     def _run_blocks(self, h_BTD, cos_BTH, sin_BTH, mask_B1TS, jitter_key):
         """`lax.scan` over the stacked blocks, each optionally rematerialised."""

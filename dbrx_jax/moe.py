@@ -121,7 +121,8 @@ class MoE(nnx.Module):
         B, T, D = x_BTD.shape
         w1, v1, w2 = (w[...].astype(c.compute_dtype) for w in (self.w1, self.v1, self.w2))
         act = ACTIVATIONS[c.ffn_act_fn]
-        if active_mesh() is not None and resolve_moe_impl(c.moe_impl) == "dropless":
+        impl = resolve_moe_impl(c.moe_impl, routing.expert_ids_BTA.size)
+        if active_mesh() is not None and impl in ("dropless", "gather"):
             y_BTD = sharded_experts(
                 x_BTD,
                 routing.expert_ids_BTA,
@@ -142,7 +143,7 @@ class MoE(nnx.Module):
             v1,
             w2,
             act=act,
-            impl=c.moe_impl,
+            impl=impl,
             gmm_impl=c.gmm_impl,
             capacity_factor=c.capacity_factor,
         )

@@ -4,6 +4,8 @@ Three implementations behind `experts()`, equal to each other whenever nothing i
 
   dense     every expert on every token, then each token keeps its chosen outputs. The simple
             reference: E / k times the FLOPs; for tests, never for speed.
+  gather    each assignment's expert matrices gathered and applied to its token: for a few
+            tokens only (`auto` picks it when decoding).
   dropless  MegaBlocks-style (what DBRX was trained with): sort the (token, slot) assignments by
             expert, one grouped GEMM per projection over the sorted rows, unsort, combine.
   capacity  GShard-style: each expert takes at most C = ceil(capacity_factor * T * k / E)
@@ -29,13 +31,21 @@ from dbrx_jax.config import MOE_IMPLS
 from dbrx_jax.gmm import grouped_matmul, row_alignment
 from dbrx_jax.layers import at_least_fp32
 
+# At most this many (token, slot) assignments, `auto` gathers each one's expert weights instead
+# of sorting (a decode step: the block loop's overhead dwarfs a few rows' work).
+GATHER_MAX_ASSIGNMENTS = 16
 
-def resolve_moe_impl(impl: str, platform: str | None = None) -> str:
-    """`auto` is dropless everywhere: exact (no token dropped, as DBRX was trained) and, on CPU,
-    the fastest exact choice measured (experiments/bench_moe.py)."""
+
+def resolve_moe_impl(impl: str, num_assignments: int | None = None) -> str:
+    """`auto` is exact: `gather` for a handful of assignments (decoding), else `dropless` (no
+    token dropped, as DBRX was trained; on CPU the fastest exact choice measured by
+    experiments/bench_moe.py)."""
     if impl not in MOE_IMPLS:
         raise ValueError(f"moe_impl {impl!r}: expected one of {MOE_IMPLS}")
-    return "dropless" if impl == "auto" else impl
+    if impl != "auto":
+        return impl
+    small = num_assignments is not None and num_assignments <= GATHER_MAX_ASSIGNMENTS
+    return "gather" if small else "dropless"
 
 
 def experts(
@@ -54,10 +64,12 @@ def experts(
     """The GLU experts `(act(x @ w1_e) * (x @ v1_e)) @ w2_e` of each token's chosen experts,
     mixed by the router weights (in fp32). Returns `y_TD` and `dropped_TA` (True where the
     capacity path dropped an assignment; all False for the exact paths)."""
-    impl = resolve_moe_impl(impl)
+    impl = resolve_moe_impl(impl, expert_ids_TA.size)
     dropped_TA = jnp.zeros(expert_ids_TA.shape, bool)
     if impl == "dense":
         y_TAD = _dense(x_TD, expert_ids_TA, w1_EDF, v1_EDF, w2_EFD, act)
+    elif impl == "gather":
+        y_TAD = _gather(x_TD, expert_ids_TA, w1_EDF, v1_EDF, w2_EFD, act)
     elif impl == "dropless":
         y_TAD = dropless(x_TD, expert_ids_TA, w1_EDF, v1_EDF, w2_EFD, act, gmm_impl)
     else:
@@ -87,10 +99,20 @@ def _dense(x_TD, expert_ids_TA, w1_EDF, v1_EDF, w2_EFD, act):
     return jnp.take_along_axis(y_TED, expert_ids_TA[:, :, None], axis=1)
 
 
+def _gather(x_TD, expert_ids_TA, w1_EDF, v1_EDF, w2_EFD, act):
+    """Each assignment's expert matrices gathered and applied to its token: T * A copies of
+    [D, F] matrices, so only for a few tokens (decoding)."""
+    w1_TADF, v1_TADF, w2_TAFD = (w[expert_ids_TA] for w in (w1_EDF, v1_EDF, w2_EFD))
+    hidden_TAF = act(jnp.einsum("TD,TADF->TAF", x_TD, w1_TADF)) * jnp.einsum(
+        "TD,TADF->TAF", x_TD, v1_TADF
+    )
+    return jnp.einsum("TAF,TAFD->TAD", hidden_TAF, w2_TAFD)
+
+
 def dropless(x_TD, expert_ids_TA, w1_EDF, v1_EDF, w2_EFD, act, gmm_impl, max_rows=None):
     """1. Sort the assignments by expert (stable: token order within an expert) and give each a
        row in a layout where every expert's rows start on a multiple of the backend's block
-       size (`row_alignment`: 1 for the kernels, 128 for the CPU block loop). Assignments to
+       size (`row_alignment`: 1 for the kernels, up to 128 for the CPU block loop). Assignments to
        an expert id outside [0, E) are left out (the expert-parallel path uses this for experts
        held by other devices); `max_rows` bounds how many can remain (default all).
     2. Gather the token rows into that layout; empty padding rows are zeros.
@@ -99,11 +121,12 @@ def dropless(x_TD, expert_ids_TA, w1_EDF, v1_EDF, w2_EFD, act, gmm_impl, max_row
     Steps 2 and 4 move rows by a permutation; their backward passes are gathers through the
     inverse permutation (custom VJPs), not scatter-adds."""
     E = w1_EDF.shape[0]
-    layout = sorted_layout(expert_ids_TA, E, row_alignment(gmm_impl), max_rows)
+    alignment = row_alignment(gmm_impl, max_rows or expert_ids_TA.size, E)
+    layout = sorted_layout(expert_ids_TA, E, alignment, max_rows)
     x_PD = dispatch_rows(x_TD, layout)
 
     def gmm(lhs, rhs):
-        return grouped_matmul(lhs, rhs, layout.group_sizes_G, impl=gmm_impl)
+        return grouped_matmul(lhs, rhs, layout.group_sizes_G, impl=gmm_impl, block_rows=alignment)
 
     return collect_rows(glu(x_PD, w1_EDF, v1_EDF, w2_EFD, act, gmm), layout)
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from dbrx_jax.config import MOE_EXCHANGES
@@ -51,7 +52,12 @@ def sharded_experts(
     mesh (`jax.set_mesh`). Returns y_BTD, sharded like x_BTD."""
     if exchange not in MOE_EXCHANGES:
         raise ValueError(f"moe_exchange {exchange!r}: expected one of {MOE_EXCHANGES}")
-    batch = P(BATCH_AXES)
+    mesh = jax.sharding.get_abstract_mesh()
+    batch_shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    # Too few rows to split over the batch axes (decoding one sequence, say): every device
+    # holds all the tokens, runs its local experts on them, and the partial outputs are summed.
+    replicated = x_BTD.shape[0] % batch_shards != 0
+    batch = P() if replicated else P(BATCH_AXES)
     w13 = P("expert", None, "tensor")
     w2 = P("expert", "tensor", None)
 
@@ -67,8 +73,12 @@ def sharded_experts(
             act,
             gmm_impl,
         )
-        y_TD = _all_gather(*args) if exchange == "all_gather" else _all_to_all(*args)
-        return jax.lax.psum(y_TD, "tensor").astype(x_BTD.dtype).reshape(B, T, D)
+        if replicated:
+            y_TD = jax.lax.psum(_local_only(*args), ("expert", "tensor"))
+        else:
+            y_TD = _all_gather(*args) if exchange == "all_gather" else _all_to_all(*args)
+            y_TD = jax.lax.psum(y_TD, "tensor")
+        return y_TD.astype(x_BTD.dtype).reshape(B, T, D)
 
     return jax.shard_map(
         local,
@@ -80,6 +90,22 @@ def sharded_experts(
 
 def _local_experts(num_local: int) -> tuple[jax.Array, int]:
     return jax.lax.axis_index("expert") * num_local, jax.lax.axis_size("expert")
+
+
+def _local_only(x_TD, ids_TA, weights_TA, w1, v1, w2, act, gmm_impl):
+    """Every token's assignments to this device's experts (fp32 partial outputs)."""
+    first, _ = _local_experts(w1.shape[0])
+    y_TAD = dropless(
+        x_TD,
+        ids_TA - first,
+        w1,
+        v1,
+        w2,
+        act,
+        gmm_impl,
+        max_rows=ids_TA.shape[0] * min(ids_TA.shape[1], w1.shape[0]),
+    )
+    return combine(y_TAD, weights_TA)
 
 
 def _all_gather(x_TD, ids_TA, weights_TA, w1, v1, w2, act, gmm_impl):

@@ -223,3 +223,11 @@ def initialize_distributed(
         jax.local_device_count(),
         jax.device_count(),
     )
+
+
+def shard_model(model, mesh: Mesh):
+    """Moves an existing model's parameters onto `mesh` by the logical rules (for loading a
+    checkpoint on one host and serving it sharded; `shard_module` builds new models)."""
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, param_shardings(state, mesh)))
+    return model

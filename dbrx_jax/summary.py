@@ -98,3 +98,26 @@ def time_train_step(
 
     seconds = time_call(run, iters=iters)
     return {"step_s": seconds, "tokens_per_s": batch_size * seq_len / seconds}
+
+
+def inference_memory(
+    config: DbrxConfig, axis_sizes: dict[str, int], batch: int, context: int
+) -> dict[str, float]:
+    """GiB per device to serve `config` (its param dtype) with a KV cache of `context` tokens
+    for `batch` sequences, on a mesh of these sizes; from shapes alone."""
+    from dbrx_jax import sharding
+    from dbrx_jax.model import CACHE_AXES
+
+    sizes = {axis: int(axis_sizes.get(axis, 1)) for axis in sharding.MESH_AXES}
+    params = nnx.state(nnx.eval_shape(lambda: Dbrx(config, rngs=nnx.Rngs(0))), nnx.Param)
+    cache_shape = (config.n_layers, batch, context, config.kv_n_heads, config.head_dim)
+    spec = sharding.logical_to_spec(CACHE_AXES, cache_shape, sizes)
+    cache_block = sharding.shard_shape(cache_shape, spec, sizes)
+    cache_bytes = 2 * int(np.prod(cache_block)) * jnp.dtype(config.compute_dtype).itemsize
+    params_gib = sharding.bytes_per_device(params, sizes) / 2**30
+    return {
+        "devices": int(np.prod(list(sizes.values()))),
+        "params_gib": params_gib,
+        "kv_cache_gib": cache_bytes / 2**30,
+        "total_gib": params_gib + cache_bytes / 2**30,
+    }

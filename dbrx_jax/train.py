@@ -350,9 +350,12 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def train(
+    config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
+) -> dict[str, float]:
     """Trains per `config` (see experiment.base_config) in `workdir`, resuming from its latest
-    complete checkpoint; returns a summary (with `preempted` True if SIGTERM cut it short)."""
+    complete checkpoint; returns a summary (with `preempted` True if SIGTERM cut it short).
+    `progress=False` leaves out the console progress bar (metrics still go to the workdir)."""
     setup = _setup(config, workdir)
     mesh, model_config = setup.mesh, setup.model_config
     checkpointer = (
@@ -383,7 +386,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     tokens_per_step = config.batch_size * config.seq_len
     flops_per_step = flops.train_flops_per_token(model_config, config.seq_len) * tokens_per_step
     peak = metrics.peak_flops()
-    writer = metrics.MetricsWriter(workdir, config.total_steps)
+    writer = metrics.MetricsWriter(workdir, config.total_steps, console=progress)
     writer.advance(start_step)
     base_key = jax.random.key(config.seed)
     history: list[tuple[int, float]] = []
@@ -472,6 +475,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             checkpointer.wait()  # pending asynchronous saves reach the disk before we return
             checkpointer.close()
         writer.close()
+    samples = {}
+    if config.sample_prompts and jax.process_index() == 0:
+        samples = sample_text(
+            nnx.merge(graphdef, params),
+            setup.tokenizer_spec,
+            mesh,
+            config.sample_prompts.split("|"),
+            config.sample_tokens,
+        )
     return {
         "steps": last_logged_step,
         "first_loss": history[0][1] if history else float("nan"),
@@ -479,7 +491,30 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         "eval_loss": eval_history[-1][1] if eval_history else float("nan"),
         "wall_s": time.perf_counter() - start,
         "preempted": preempted,
+        "samples": samples,
         "loss_curve": history,
+    }
+
+
+def sample_text(
+    model: Dbrx, tokenizer_spec: str, mesh, prompts: list[str], max_new_tokens: int
+) -> dict[str, str]:
+    """Greedy continuations of `prompts`: how the model writes after training."""
+    from dbrx_jax.generate import generate
+
+    tokenizer = load_tokenizer(tokenizer_spec)
+    with jax.set_mesh(mesh):
+        out = generate(
+            model,
+            [tokenizer.encode(p) for p in prompts],
+            max_new_tokens=max_new_tokens,
+            stop_ids=(tokenizer.eos_id,),
+            vocab_limit=tokenizer.vocab_size,
+            pad_id=tokenizer.pad_id,
+        )
+    tokens, lengths = jax.device_get((out.tokens_BN, out.lengths_B))
+    return {
+        p: tokenizer.decode(row[:n]) for p, row, n in zip(prompts, tokens, lengths, strict=True)
     }
 
 

@@ -33,9 +33,11 @@ def main(argv):
     )
     summary = train.train(_CONFIG.value, _WORKDIR.value)
     if jax.process_index() == 0:
-        curve = summary.pop("loss_curve")
+        curve, samples = summary.pop("loss_curve"), summary.pop("samples")
         print(json.dumps(summary, indent=2))
         print("loss curve:", ", ".join(f"{step}: {loss:.3f}" for step, loss in curve))
+        for prompt, text in samples.items():
+            print(f"{prompt!r} -> {text!r}")
 
 
 if __name__ == "__main__":

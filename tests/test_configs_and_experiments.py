@@ -128,3 +128,26 @@ def test_bench_train_compares_with_transformers():
     report = json.loads(result.stdout[result.stdout.index("{") :])
     assert report["ours"]["tokens_per_s"] > 0 and report["hf"]["tokens_per_s"] > 0
     assert report["speedup"] > 0
+
+
+def test_bench_generate_compares_with_transformers():
+    result = subprocess.run(
+        [
+            sys.executable,
+            "experiments/bench_generate.py",
+            "--preset=dbrx-tiny",
+            "--batches=1,4",
+            "--prompt_len=8",
+            "--new_tokens=8",
+            "--compare_hf",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout[result.stdout.index("{") :])
+    assert [row["batch"] for row in report["ours"]] == [1, 4]
+    assert all(row["decode_tokens_per_s"] > 0 for row in report["ours"] + report["hf"])
+    assert len(report["decode_speedup"]) == 2

@@ -1,0 +1,112 @@
+"""Generate text (or token ids) from a checkpoint: our export, an HF directory, or the params of
+a converted model; streams to the console as the tokens come.
+
+    python experiments/generate.py --checkpoint=runs/demo-export --prompt="And God said"
+    python experiments/generate.py --checkpoint=dbrx-instruct --chat --prompt="Hi!" \
+        --temperature=0.7 --top_p=0.9 --mesh=tensor=8
+    python experiments/generate.py --checkpoint=ckpt --prompt_ids="1,2,3;4,5" \
+        --output_json=out.json
+"""
+
+import contextlib
+import json
+import sys
+
+import jax
+from absl import app, flags
+
+import dbrx_jax
+from dbrx_jax import generate as gen
+from dbrx_jax import sharding
+from dbrx_jax.tokenizer import load_tokenizer
+
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "Our export or an HF directory.", required=True
+)
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "Prompt text (repeat for a batch).")
+_PROMPT_IDS = flags.DEFINE_multi_string("prompt_ids", [], "Token ids 1,2,3 (';' or repeat).")
+_CHAT = flags.DEFINE_bool("chat", False, "Wrap each prompt as a user turn (DBRX-instruct).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "dbrx, hf:<dir>, or a sentencepiece file.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at most.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "0: off.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "1.0: off.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_MESH = flags.DEFINE_string("mesh", None, "Serve sharded, e.g. tensor=8 or expert=4,tensor=2.")
+_OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write the generated ids here.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    model = dbrx_jax.from_pretrained(_CHECKPOINT.value)
+    config = model.config
+    tok = (
+        load_tokenizer(_TOKENIZER.value)
+        if _TOKENIZER.value
+        else gen.find_tokenizer(_CHECKPOINT.value, config.vocab_size)
+    )
+    prompts = [
+        [int(i) for i in group.split(",")]
+        for flag in _PROMPT_IDS.value
+        for group in flag.split(";")
+        if group
+    ]
+    for text in _PROMPT.value:
+        if tok is None:
+            raise app.UsageError(
+                "no tokenizer for this checkpoint: pass --tokenizer or --prompt_ids"
+            )
+        prompts.append(
+            gen.chat_ids(tok, [{"role": "user", "content": text}])
+            if _CHAT.value
+            else tok.encode(text)
+        )
+    if not prompts:
+        raise app.UsageError("pass --prompt or --prompt_ids")
+    stream = tok is not None and len(prompts) == 1 and not _OUTPUT_JSON.value
+    streamed: list[int] = []
+
+    def on_token(tokens, alive):
+        if alive[0]:
+            streamed.append(int(tokens[0]))
+            sys.stdout.write(tok.decode(streamed)[len(tok.decode(streamed[:-1])) :])
+            sys.stdout.flush()
+
+    stop = (
+        gen.DBRX_STOP_IDS
+        if tok is not None and tok.vocab_size > 100000
+        else ((tok.eos_id,) if tok is not None else ())
+    )
+    mesh_context = contextlib.nullcontext()
+    if _MESH.value:
+        sizes = {k: int(v) for k, v in (i.split("=") for i in _MESH.value.split(","))}
+        mesh = sharding.make_mesh(sizes)
+        model, mesh_context = sharding.shard_model(model, mesh), jax.set_mesh(mesh)
+    kwargs = dict(
+        max_new_tokens=_MAX_NEW.value,
+        key=jax.random.key(_SEED.value),
+        sampling=gen.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value),
+        stop_ids=stop,
+        vocab_limit=tok.vocab_size if tok is not None else None,
+        pad_id=getattr(tok, "pad_id", 0),
+        on_token=on_token if stream else None,
+    )
+    with mesh_context:
+        out = gen.generate(model, prompts, **kwargs)
+    ids = [
+        row[:n].tolist()
+        for row, n in zip(jax.device_get(out.tokens_BN), jax.device_get(out.lengths_B), strict=True)
+    ]
+    if stream:
+        print()
+    elif tok is not None:
+        for prompt, new in zip(prompts, ids, strict=True):
+            print(repr(tok.decode(prompt)), "->", repr(tok.decode(new)))
+    if _OUTPUT_JSON.value:
+        with open(_OUTPUT_JSON.value, "w") as f:
+            json.dump({"prompts": prompts, "generated": ids}, f)
+
+
+if __name__ == "__main__":
+    app.run(main)
