@@ -26,7 +26,7 @@ ATTENTION_IMPLS = ("xla", "cudnn", "reference")
 MOE_IMPLS = ("auto", "dense", "dropless", "capacity", "gather")  # see moe_dispatch.py
 GMM_IMPLS = ("auto", "ragged_dot", "tokamax", "megablox", "blocked")  # see gmm.py
 MOE_EXCHANGES = ("all_gather", "all_to_all")  # see moe_parallel.py
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "matmuls")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 
 # Hugging Face `ffn_act_fn` names -> ours.
@@ -80,6 +80,7 @@ class DbrxConfig:
     gmm_impl: str = "auto"  # grouped GEMM of the dropless path, one of GMM_IMPLS
     capacity_factor: float = 1.0  # of the capacity path: slots per expert = cf * T * k / E
     moe_exchange: str = "all_gather"  # how tokens reach experts on other devices
+    moe_fuse_gate_up: bool = False  # dropless/capacity: one [E, D, 2F] GEMM for w1 and v1
     router_z_loss_weight: float = 0.0  # ST-MoE's z-loss; DBRX was trained without
 
     def __post_init__(self):

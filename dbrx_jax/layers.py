@@ -11,8 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from dbrx_jax.config import DbrxConfig
+
+# The tensors the "matmuls" remat policy keeps (model.CHECKPOINT_POLICIES): each matmul's result,
+# tagged with `checkpoint_name` where it is computed (here and in moe_dispatch.glu).
+SAVED_BY_MATMULS_POLICY = ("qkv", "attention", "attention_out", "expert_gate_up", "expert_down")
 
 
 def param(
@@ -171,6 +176,7 @@ class Attention(nnx.Module):
         _, K, J, H = self.wqkv.shape
         G = J - 2
         qkv_BTKJH = jnp.einsum("BTD,DKJH->BTKJH", x_BTD, self.wqkv[...].astype(self.dtype))
+        qkv_BTKJH = checkpoint_name(qkv_BTKJH, "qkv")
         if self.clip_qkv is not None:
             # Clip the whole fused output, Q, K and V alike, before RoPE, as the reference.
             qkv_BTKJH = jnp.clip(qkv_BTKJH, -self.clip_qkv, self.clip_qkv)
@@ -180,14 +186,17 @@ class Attention(nnx.Module):
         return apply_rope(q_BTNH, cos_BTH, sin_BTH), apply_rope(k_BTKH, cos_BTH, sin_BTH), v_BTKH
 
     def _output(self, out_BTNH: jax.Array) -> jax.Array:
-        return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.out[...].astype(self.dtype))
+        out_BTNH = checkpoint_name(out_BTNH, "attention")
+        out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.out[...].astype(self.dtype))
+        return checkpoint_name(out_BTD, "attention_out")
 
     def __call__(
         self, x_BTD: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array, mask_B1TS: jax.Array | None
     ) -> jax.Array:
-        q_BTNH, k_BTKH, v_BTKH = self.project(x_BTD, cos_BTH, sin_BTH)
-        out_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask_B1TS, impl=self.impl)
-        return self._output(out_BTNH)
+        with jax.named_scope("attention"):  # profiling.py attributes the step's time by scope
+            q_BTNH, k_BTKH, v_BTKH = self.project(x_BTD, cos_BTH, sin_BTH)
+            out_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask_B1TS, impl=self.impl)
+            return self._output(out_BTNH)
 
     def cached(
         self,

@@ -16,7 +16,14 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from dbrx_jax.config import REMAT_POLICIES, DbrxConfig
-from dbrx_jax.layers import Attention, LayerNorm, attention_mask, param, rope_tables
+from dbrx_jax.layers import (
+    SAVED_BY_MATMULS_POLICY,
+    Attention,
+    LayerNorm,
+    attention_mask,
+    param,
+    rope_tables,
+)
 from dbrx_jax.moe import MoE, RouterOutput
 from dbrx_jax.sharding import constrain
 
@@ -27,6 +34,10 @@ CHECKPOINT_POLICIES = {
     "full": None,  # save nothing but the block's inputs
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Every matmul's result, the kernels' included (cuDNN attention and the grouped GEMMs are
+    # custom calls, which the dots policies do not see): the backward pass recomputes only
+    # norms, RoPE, activations and row movement.
+    "matmuls": jax.checkpoint_policies.save_only_these_names(*SAVED_BY_MATMULS_POLICY),
 }
 assert {"none", *CHECKPOINT_POLICIES} == set(REMAT_POLICIES)
 
@@ -195,9 +206,8 @@ class Dbrx(nnx.Module):
 
         h_BTD, router = self._run_blocks(h_BTD, cos_BTH, sin_BTH, mask_B1TS, jitter_key)
 
-        h_BTD = self.norm_f(h_BTD)
-        logits_BTV = jnp.einsum("BTD,DV->BTV", h_BTD, self.lm_head[...].astype(dtype))
-        logits_BTV = constrain(logits_BTV, ("batch", "seq", "vocab"))
+        with jax.named_scope("lm_head"):
+            logits_BTV = self.logits(self.norm_f(h_BTD))
         return DbrxOutput(logits=logits_BTV, router=router)
 
     def extend(

@@ -13,7 +13,7 @@ from flax import nnx, struct
 
 from dbrx_jax.config import DbrxConfig
 from dbrx_jax.layers import at_least_fp32, param
-from dbrx_jax.moe_dispatch import experts, resolve_moe_impl
+from dbrx_jax.moe_dispatch import experts, fuse_gate_up, resolve_moe_impl
 from dbrx_jax.moe_parallel import sharded_experts
 from dbrx_jax.sharding import active_mesh
 
@@ -110,14 +110,15 @@ class MoE(nnx.Module):
 
     def __call__(self, x_BTD: jax.Array, jitter_key: jax.Array | None = None) -> MoEOutput:
         c = self.config
-        routing = route(
-            x_BTD,
-            self.router[...],
-            top_k=c.moe_top_k,
-            normalize_p=c.moe_normalize_expert_weights,
-            jitter_eps=c.moe_jitter_eps,
-            jitter_key=jitter_key,
-        )
+        with jax.named_scope("router"):
+            routing = route(
+                x_BTD,
+                self.router[...],
+                top_k=c.moe_top_k,
+                normalize_p=c.moe_normalize_expert_weights,
+                jitter_eps=c.moe_jitter_eps,
+                jitter_key=jitter_key,
+            )
         B, T, D = x_BTD.shape
         w1, v1, w2 = (w[...].astype(c.compute_dtype) for w in (self.w1, self.v1, self.w2))
         act = ACTIVATIONS[c.ffn_act_fn]
@@ -133,8 +134,11 @@ class MoE(nnx.Module):
                 act=act,
                 gmm_impl=c.gmm_impl,
                 exchange=c.moe_exchange,
+                fuse_gate_up=c.moe_fuse_gate_up,
             )
             return MoEOutput(y_BTD=y_BTD, router=routing)
+        if c.moe_fuse_gate_up and impl in ("dropless", "capacity"):
+            w1, v1 = fuse_gate_up(w1, v1), None
         y_ND, dropped_NA = experts(
             x_BTD.reshape(B * T, D),
             routing.expert_ids_BTA.reshape(B * T, -1),

@@ -26,6 +26,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.ad_checkpoint import checkpoint_name
 
 from dbrx_jax.config import MOE_IMPLS
 from dbrx_jax.gmm import grouped_matmul, row_alignment
@@ -53,7 +54,7 @@ def experts(
     expert_ids_TA: jax.Array,
     weights_TA: jax.Array,
     w1_EDF: jax.Array,
-    v1_EDF: jax.Array,
+    v1_EDF: jax.Array | None,
     w2_EFD: jax.Array,
     *,
     act: Callable[[jax.Array], jax.Array],
@@ -63,8 +64,11 @@ def experts(
 ) -> tuple[jax.Array, jax.Array]:
     """The GLU experts `(act(x @ w1_e) * (x @ v1_e)) @ w2_e` of each token's chosen experts,
     mixed by the router weights (in fp32). Returns `y_TD` and `dropped_TA` (True where the
-    capacity path dropped an assignment; all False for the exact paths)."""
+    capacity path dropped an assignment; all False for the exact paths). `v1_EDF=None`: `w1_EDF`
+    is the fused `[E, D, 2F]` of `fuse_gate_up`."""
     impl = resolve_moe_impl(impl, expert_ids_TA.size)
+    if v1_EDF is None and impl in ("dense", "gather"):  # fused weights: these take them apart
+        w1_EDF, v1_EDF = jnp.split(w1_EDF, 2, axis=-1)
     dropped_TA = jnp.zeros(expert_ids_TA.shape, bool)
     if impl == "dense":
         y_TAD = _dense(x_TD, expert_ids_TA, w1_EDF, v1_EDF, w2_EFD, act)
@@ -86,7 +90,21 @@ def combine(y_TAD: jax.Array, weights_TA: jax.Array) -> jax.Array:
 
 
 def glu(x, w1, v1, w2, act, matmul):
-    return matmul(act(matmul(x, w1)) * matmul(x, v1), w2)
+    """`act(x @ w1) * (x @ v1) @ w2` with the given (grouped or batched) matmul. With `v1=None`,
+    `w1` is the fused `[..., D, 2F]` = [w1 | v1] (see `fuse_gate_up`): one GEMM for gate and up."""
+    with jax.named_scope("expert_gemm"):  # profiling.py attributes the step's time by scope
+        if v1 is None:
+            gate, up = jnp.split(checkpoint_name(matmul(x, w1), "expert_gate_up"), 2, axis=-1)
+        else:
+            gate = checkpoint_name(matmul(x, w1), "expert_gate_up")
+            up = checkpoint_name(matmul(x, v1), "expert_gate_up")
+        return checkpoint_name(matmul(act(gate) * up, w2), "expert_down")
+
+
+def fuse_gate_up(w1_EDF: jax.Array, v1_EDF: jax.Array) -> jax.Array:
+    """[w1 | v1] along F: `[E, D, 2F]`, for `glu(..., v1=None)`. The parameters stay separate
+    (the released layout); the concatenation is part of the step and its gradient splits."""
+    return jnp.concatenate([w1_EDF, v1_EDF], axis=-1)
 
 
 def _dense(x_TD, expert_ids_TA, w1_EDF, v1_EDF, w2_EFD, act):
@@ -116,19 +134,23 @@ def dropless(x_TD, expert_ids_TA, w1_EDF, v1_EDF, w2_EFD, act, gmm_impl, max_row
        an expert id outside [0, E) are left out (the expert-parallel path uses this for experts
        held by other devices); `max_rows` bounds how many can remain (default all).
     2. Gather the token rows into that layout; empty padding rows are zeros.
-    3. Grouped GEMMs over the rows: act(x @ w1) * (x @ v1), then @ w2.
+    3. Grouped GEMMs over the rows: act(x @ w1) * (x @ v1), then @ w2 (`v1=None`: w1 is the
+       fused [w1 | v1], one GEMM for both).
     4. Each assignment reads its output row back into [T, A, D] (zeros if left out).
     Steps 2 and 4 move rows by a permutation; their backward passes are gathers through the
     inverse permutation (custom VJPs), not scatter-adds."""
     E = w1_EDF.shape[0]
     alignment = row_alignment(gmm_impl, max_rows or expert_ids_TA.size, E)
-    layout = sorted_layout(expert_ids_TA, E, alignment, max_rows)
-    x_PD = dispatch_rows(x_TD, layout)
+    with jax.named_scope("permute"):
+        layout = sorted_layout(expert_ids_TA, E, alignment, max_rows)
+        x_PD = dispatch_rows(x_TD, layout)
 
     def gmm(lhs, rhs):
         return grouped_matmul(lhs, rhs, layout.group_sizes_G, impl=gmm_impl, block_rows=alignment)
 
-    return collect_rows(glu(x_PD, w1_EDF, v1_EDF, w2_EFD, act, gmm), layout)
+    y_PD = glu(x_PD, w1_EDF, v1_EDF, w2_EFD, act, gmm)
+    with jax.named_scope("permute"):
+        return collect_rows(y_PD, layout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,12 +311,14 @@ def _capacity(x_TD, expert_ids_TA, w1_EDF, v1_EDF, w2_EFD, act, capacity_factor)
     T, A = expert_ids_TA.shape
     E, D, _ = w1_EDF.shape
     C = capacity_per_expert(T, A, E, capacity_factor)
-    position_TA = queue_positions(expert_ids_TA, E, slot_major=True)
-    layout = slotted_layout(expert_ids_TA, position_TA, E, C)
-    x_ECD = dispatch_rows(x_TD, layout).reshape(E, C, D)
+    with jax.named_scope("permute"):
+        position_TA = queue_positions(expert_ids_TA, E, slot_major=True)
+        layout = slotted_layout(expert_ids_TA, position_TA, E, C)
+        x_ECD = dispatch_rows(x_TD, layout).reshape(E, C, D)
 
     def batched(lhs, rhs):
         return jnp.einsum("ECK,EKN->ECN", lhs, rhs)
 
     y_PD = glu(x_ECD, w1_EDF, v1_EDF, w2_EFD, act, batched).reshape(E * C, D)
-    return collect_rows(y_PD, layout), position_TA >= C
+    with jax.named_scope("permute"):
+        return collect_rows(y_PD, layout), position_TA >= C

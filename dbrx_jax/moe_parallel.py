@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from dbrx_jax import moe_dispatch
 from dbrx_jax.config import MOE_EXCHANGES
 from dbrx_jax.moe_dispatch import (
     collect_rows,
@@ -47,9 +48,11 @@ def sharded_experts(
     act: Callable[[jax.Array], jax.Array],
     gmm_impl: str,
     exchange: str,
+    fuse_gate_up: bool = False,
 ) -> jax.Array:
     """`moe_dispatch.experts(impl="dropless")` for a batch and experts sharded over the active
-    mesh (`jax.set_mesh`). Returns y_BTD, sharded like x_BTD."""
+    mesh (`jax.set_mesh`). Returns y_BTD, sharded like x_BTD. `fuse_gate_up` concatenates each
+    device's own blocks of w1 and v1 (both split over F by `tensor`) for one GEMM."""
     if exchange not in MOE_EXCHANGES:
         raise ValueError(f"moe_exchange {exchange!r}: expected one of {MOE_EXCHANGES}")
     mesh = jax.sharding.get_abstract_mesh()
@@ -63,6 +66,8 @@ def sharded_experts(
 
     def local(x_BTD, ids_BTA, weights_BTA, w1, v1, w2):
         B, T, D = x_BTD.shape
+        if fuse_gate_up:
+            w1, v1 = moe_dispatch.fuse_gate_up(w1, v1), None
         args = (
             x_BTD.reshape(B * T, D),
             ids_BTA.reshape(B * T, -1),
@@ -116,14 +121,16 @@ def _all_gather(x_TD, ids_TA, weights_TA, w1, v1, w2, act, gmm_impl):
     T, A = ids_TA.shape
     E_local = w1.shape[0]
     first, n = _local_experts(E_local)
-    x_nTD = jax.lax.all_gather(x_TD, "expert", tiled=True)
-    ids_nTA = jax.lax.all_gather(ids_TA, "expert", tiled=True)
-    weights_nTA = jax.lax.all_gather(weights_TA, "expert", tiled=True)
+    with jax.named_scope("expert_exchange"):
+        x_nTD = jax.lax.all_gather(x_TD, "expert", tiled=True)
+        ids_nTA = jax.lax.all_gather(ids_TA, "expert", tiled=True)
+        weights_nTA = jax.lax.all_gather(weights_TA, "expert", tiled=True)
     local_ids = ids_nTA - first  # outside [0, E_local): another device's expert, left out
     max_rows = n * T * min(A, E_local)
     y_nTAD = dropless(x_nTD, local_ids, w1, v1, w2, act, gmm_impl, max_rows=max_rows)
     partial_nTD = combine(y_nTAD, weights_nTA)
-    return jax.lax.psum_scatter(partial_nTD, "expert", scatter_dimension=0, tiled=True)
+    with jax.named_scope("expert_exchange"):
+        return jax.lax.psum_scatter(partial_nTD, "expert", scatter_dimension=0, tiled=True)
 
 
 def _all_to_all(x_TD, ids_TA, weights_TA, w1, v1, w2, act, gmm_impl):
@@ -144,8 +151,10 @@ def _all_to_all(x_TD, ids_TA, weights_TA, w1, v1, w2, act, gmm_impl):
         jnp.append(ids_TA.reshape(-1) % E_local, E_local)[send.assignment_of_row_P],
         E_local,  # empty slot: no expert
     )
-    x_recv = jax.lax.all_to_all(x_nSD, "expert", 0, 0).reshape(n * S, D)
-    id_recv = jax.lax.all_to_all(local_id_P.reshape(n, S), "expert", 0, 0).reshape(n * S, 1)
+    with jax.named_scope("expert_exchange"):
+        x_recv = jax.lax.all_to_all(x_nSD, "expert", 0, 0).reshape(n * S, D)
+        id_recv = jax.lax.all_to_all(local_id_P.reshape(n, S), "expert", 0, 0).reshape(n * S, 1)
     y_recv = dropless(x_recv, id_recv, w1, v1, w2, act, gmm_impl).reshape(n, S, D)
-    y_back = jax.lax.all_to_all(y_recv, "expert", 0, 0).reshape(n * S, D)
+    with jax.named_scope("expert_exchange"):
+        y_back = jax.lax.all_to_all(y_recv, "expert", 0, 0).reshape(n * S, D)
     return combine(collect_rows(y_back, send), weights_TA)

@@ -87,6 +87,25 @@ def test_xla_attention_equals_the_reference(kv_heads, segmented):
     np.testing.assert_allclose(ref, expanded, atol=1e-6)
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
+@pytest.mark.parametrize("segmented", [False, True])
+def test_cudnn_attention_equals_the_reference(segmented):
+    """The GPU fast path (`attention_impl="cudnn"`), values and gradients, in bf16."""
+    B, T, N, K, H = 2, 256, 8, 2, 64
+    q = jnp.asarray(RNG.randn(B, T, N, H), jnp.bfloat16)
+    k, v = (jnp.asarray(RNG.randn(B, T, K, H), jnp.bfloat16) for _ in range(2))
+    segments = jnp.asarray([[1] * 100 + [2] * 156, [1] * 256]) if segmented else None
+    mask = attention_mask(segments)
+    cotangent = jnp.asarray(RNG.randn(B, T, N, H), jnp.bfloat16)
+
+    def value_and_grads(impl):
+        out, vjp = jax.vjp(lambda *a: dot_product_attention(*a, mask, impl=impl), q, k, v)
+        return [np.asarray(x, np.float32) for x in (out, *vjp(cotangent))]
+
+    for got, want in zip(value_and_grads("cudnn"), value_and_grads("reference"), strict=True):
+        assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+
+
 def test_attention_is_causal_and_respects_segments():
     B, T, N, H = 1, 6, 2, 4
     q, k, v = (jnp.asarray(RNG.randn(B, T, N, H), jnp.float32) for _ in range(3))

@@ -92,7 +92,7 @@ def test_left_padding_with_segment_zero():
     np.testing.assert_allclose(out.logits[:, 3:], model(seq).logits, atol=2e-5)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch", "matmuls"])
 def test_remat_gives_identical_logits_and_gradients(policy, x64):
     """In float64, so that XLA fusing the rematerialised program differently (which moves float32
     results by an ulp) cannot hide a real difference."""

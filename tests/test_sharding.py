@@ -103,6 +103,26 @@ def test_sharded_equals_single_device(sizes, exchange, single_device):
         assert np.abs(np.asarray(g) - g_ref).max() <= 1e-5 * np.abs(g_ref).max(), path
 
 
+@pytest.mark.parametrize("exchange", ["all_gather", "all_to_all"])
+def test_fused_gate_up_sharded_over_tensor_equals_single_device(exchange, single_device):
+    """Each device fuses its own F-blocks of w1 and v1, so a tensor split stays correct."""
+    state, tokens, ref_logits, ref_grads = single_device
+    mesh = sharding.make_mesh({"fsdp": 2, "expert": 2, "tensor": 2})
+    config = TINY.replace(moe_exchange=exchange, moe_fuse_gate_up=True)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Dbrx(config, rngs=nnx.Rngs(0))))
+    sharded_state = jax.device_put(state, sharding.param_shardings(state, mesh))
+    sharded_tokens = jax.device_put(tokens, NamedSharding(mesh, P(sharding.BATCH_AXES)))
+    with jax.set_mesh(mesh):
+        grads, logits = jax.jit(jax.grad(lambda s, t: _loss(graphdef, s, t), has_aux=True))(
+            sharded_state, sharded_tokens
+        )
+    assert np.abs(np.asarray(logits) - ref_logits).max() <= 1e-5 * np.abs(ref_logits).max()
+    for (path, g), g_ref in zip(
+        jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads), strict=True
+    ):
+        assert np.abs(np.asarray(g) - g_ref).max() <= 1e-5 * np.abs(g_ref).max(), path
+
+
 def _expert_weight_gathers(hlo: str, config: DbrxConfig, sizes) -> list[str]:
     """all-gathers whose result holds every expert with (sharded or whole) D and F dims."""
     E, D, F = config.moe_num_experts, config.d_model, config.ffn_hidden_size
