@@ -74,12 +74,23 @@ def memory_per_device(
 
 
 def time_train_step(
-    config: DbrxConfig, mesh, batch_size: int, seq_len: int, *, iters: int = 5, seed: int = 0
-) -> dict[str, float]:
-    """Median seconds of an AdamW training step of `config` on `mesh` (random tokens)."""
+    config: DbrxConfig,
+    mesh,
+    batch_size: int,
+    seq_len: int,
+    *,
+    iters: int = 5,
+    seed: int = 0,
+    profile_steps: int = 0,
+    trace_dir: str | None = None,
+) -> dict:
+    """The AdamW training step of `config` on `mesh` (random tokens), compiled ahead of time:
+    median step seconds and tokens/s, compile seconds, memory (XLA's buffer analysis, and the
+    device's peak where it reports one), and with `profile_steps` > 0 where the time goes
+    (profiling.py; the trace is kept in `trace_dir` if given)."""
     import optax
 
-    from dbrx_jax import data, sharding, train
+    from dbrx_jax import data, profiling, sharding, train
 
     tx = optax.adamw(1e-4)
     graphdef, params, opt_state = train.init_train_state(config, tx, mesh, seed=seed)
@@ -90,14 +101,42 @@ def time_train_step(
         .astype(np.int32)
     )
     batch = sharding.shard_batch(data.model_batch(tokens), mesh)
+    start = time.perf_counter()
+    compiled = step.lower(params, opt_state, batch, None).compile()
+    compile_s = time.perf_counter() - start
     state = [params, opt_state]
 
     def run():
-        state[0], state[1], metrics = step(state[0], state[1], batch, None)
+        state[0], state[1], metrics = compiled(state[0], state[1], batch, None)
         return metrics["loss"]
 
     seconds = time_call(run, iters=iters)
-    return {"step_s": seconds, "tokens_per_s": batch_size * seq_len / seconds}
+    report = {
+        "step_s": seconds,
+        "tokens_per_s": batch_size * seq_len / seconds,
+        "compile_s": compile_s,
+        "memory": _memory_report(compiled),
+    }
+    if profile_steps:
+        report["profile"] = profiling.profile_steps(
+            run, compiled.as_text(), profile_steps, trace_dir
+        )
+    return report
+
+
+def _memory_report(compiled) -> dict[str, float | None]:
+    """GiB per device: XLA's analysis of the step's buffers, and the allocator's peak so far
+    (GPU/TPU; None on CPU, which does not report one)."""
+    analysis = compiled.memory_analysis()
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    gib = 2.0**30
+    return {
+        "arguments_gib": analysis.argument_size_in_bytes / gib if analysis else None,
+        "temporaries_gib": analysis.temp_size_in_bytes / gib if analysis else None,
+        "device_peak_gib": peak / gib if peak is not None else None,
+        "device_limit_gib": stats["bytes_limit"] / gib if "bytes_limit" in stats else None,
+    }
 
 
 def inference_memory(

@@ -38,6 +38,9 @@ from dbrx_jax.tokenizer import load_tokenizer, train_sentencepiece
 
 log = logging.getLogger(__name__)
 
+# Without a log or checkpoint step sooner, the loop reads the steps' `skipped` flags this often.
+_READ_SKIPPED_EVERY = 100
+
 
 def loss_fn(
     model: Dbrx,
@@ -57,10 +60,11 @@ def loss_fn(
         positions_BT=batch["positions"],
         jitter_key=jitter_key,
     )
-    ce_BT = optax.softmax_cross_entropy_with_integer_labels(
-        out.logits.astype(jnp.float32),
-        batch["targets"],  # the softmax in fp32
-    )
+    with jax.named_scope("lm_head"):
+        ce_BT = optax.softmax_cross_entropy_with_integer_labels(
+            out.logits.astype(jnp.float32),
+            batch["targets"],  # the softmax in fp32
+        )
     mask_BT = batch["loss_mask"]
     ce_sum = jnp.sum(ce_BT * mask_BT)
     count = mask_BT.sum()
@@ -138,22 +142,29 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, mesh, grad_accum
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(params, opt_state, batch, key):
         grads, step_metrics = accumulate_gradients(graphdef, params, batch, key, grad_accum_steps)
-        grad_norm = optax.tree.norm(grads)
-        updates, new_opt_state = tx.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        # A non-finite loss or gradient leaves the state as it was (the loop counts these).
-        finite = jnp.isfinite(step_metrics["loss"]) & jnp.isfinite(grad_norm)
+        with jax.named_scope("optimizer"):
+            grad_norm = optax.tree.norm(grads)
+            updates, new_opt_state = tx.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            # A non-finite loss or gradient leaves the state as it was (the loop counts these).
+            finite = jnp.isfinite(step_metrics["loss"]) & jnp.isfinite(grad_norm)
 
-        def keep(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+            def keep(new, old):
+                return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
+            new_params, new_opt_state = keep(new_params, params), keep(new_opt_state, opt_state)
         step_metrics.update(grad_norm=grad_norm, skipped=~finite)
-        return keep(new_params, params), keep(new_opt_state, opt_state), step_metrics
+        return new_params, new_opt_state, step_metrics
 
     def run(params, opt_state, batch, key):
         with jax.set_mesh(mesh):
             return step(params, opt_state, batch, key)
 
+    def lower(params, opt_state, batch, key):
+        with jax.set_mesh(mesh):
+            return step.lower(params, opt_state, batch, key)
+
+    run.lower = lower  # ahead-of-time: benchmarks time and profile the compiled step
     return run
 
 
@@ -392,6 +403,7 @@ def train(
     history: list[tuple[int, float]] = []
     eval_history: list[tuple[int, float]] = []
     nonfinite_run, preempted = 0, False
+    pending_skipped: list[tuple[int, jax.Array]] = []
     start = last_log = time.perf_counter()
     last_logged_step = start_step
 
@@ -412,22 +424,39 @@ def train(
                 key = jax.random.fold_in(base_key, step) if model_config.moe_jitter_eps else None
                 params, opt_state, step_metrics = train_step(params, opt_state, batch, key)
                 done = step + 1
-                skipped = bool(step_metrics["skipped"])
-                nonfinite_run = nonfinite_run + 1 if skipped else 0
-                if nonfinite_run >= config.max_nonfinite_steps:
-                    good = (
-                        checkpointer.steps()[-1] if checkpointer and checkpointer.steps() else None
-                    )
-                    raise FloatingPointError(
-                        f"the loss was not finite for {nonfinite_run} consecutive steps (up to "
-                        f"step {done}); those updates were skipped and the run stops. The last "
-                        f"good checkpoint is step {good} in {workdir}/checkpoints."
-                    )
-                if (
+                pending_skipped.append((done, step_metrics["skipped"]))
+                log_now = (
                     done == start_step + 1
                     or done % config.log_every_steps == 0
                     or done == config.total_steps
-                ):
+                )
+                stop = preemption.requested or (
+                    checkpointer is not None and checkpointer.reached_preemption(done)
+                )
+                save_now = checkpointer is not None and (
+                    stop or done % config.checkpoint_every_steps == 0 or done == config.total_steps
+                )
+                skipped = False
+                if log_now or save_now or len(pending_skipped) >= _READ_SKIPPED_EVERY:
+                    # Steps are not waited on one by one (no host sync between logs): their
+                    # `skipped` flags are read here, in order.
+                    for flag_step, flag in jax.device_get(pending_skipped):
+                        nonfinite_run = nonfinite_run + 1 if flag else 0
+                        if nonfinite_run >= config.max_nonfinite_steps:
+                            good = (
+                                checkpointer.steps()[-1]
+                                if checkpointer and checkpointer.steps()
+                                else None
+                            )
+                            raise FloatingPointError(
+                                f"the loss was not finite for {nonfinite_run} consecutive steps "
+                                f"(up to step {flag_step}); those updates were skipped and the "
+                                f"run stops. The last good checkpoint is step {good} in "
+                                f"{workdir}/checkpoints."
+                            )
+                    skipped = nonfinite_run > 0
+                    pending_skipped.clear()
+                if log_now:
                     step_metrics = jax.device_get(step_metrics)
                     now = time.perf_counter()
                     seconds = (now - last_log) / (done - last_logged_step)  # 1st: compile too
@@ -454,18 +483,7 @@ def train(
                         done, {"loss": eval_loss, "perplexity": np.exp(eval_loss)}, prefix="eval_"
                     )
                 writer.advance(done)
-                stop = preemption.requested or (
-                    checkpointer is not None and checkpointer.reached_preemption(done)
-                )
-                if (
-                    checkpointer is not None
-                    and not skipped
-                    and (
-                        stop
-                        or done % config.checkpoint_every_steps == 0
-                        or done == config.total_steps
-                    )
-                ):
+                if save_now and not skipped:
                     save(done, eval_loss)
                 if stop:
                     preempted = True

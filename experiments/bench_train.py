@@ -1,14 +1,18 @@
-"""Training-step throughput: tokens/s and MFU of our full step (forward, backward, AdamW) for a
-preset, and with --compare_hf the transformers PyTorch step on the same config, measured in a
-separate process of the same run.
+"""Training-step throughput: tokens/s, model TFLOP/s and MFU of our full step (forward,
+backward, AdamW; fp32 master weights, --dtype compute) for a preset, compile time and memory,
+with --profile_steps where the step's time goes (attention, expert GEMMs, routing and
+permutation, optimizer, ...), and with --compare_hf the transformers PyTorch step on the same
+config, measured in a separate process of the same run.
 
     python experiments/bench_train.py --preset=dbrx-small --batch_size=8 --seq_len=128 \
-        --compare_hf                                                   # CPU
+        --compare_hf --profile_steps=2                                 # CPU
     python experiments/bench_train.py --preset=dbrx-bench --batch_size=4 --seq_len=2048 \
-        --dtype=bfloat16 --compare_hf                                  # one GPU
+        --dtype=bfloat16 --attention_impl=cudnn --remat_policy=dots_no_batch \
+        --fuse_gate_up --profile_steps=3 --compare_hf                  # one GPU
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -16,6 +20,13 @@ import jax
 from absl import app, flags
 
 from dbrx_jax import DbrxConfig, bench, flops, metrics, sharding, summary
+from dbrx_jax.config import (
+    ATTENTION_IMPLS,
+    GMM_IMPLS,
+    MOE_EXCHANGES,
+    MOE_IMPLS,
+    REMAT_POLICIES,
+)
 
 _PRESET = flags.DEFINE_string("preset", "dbrx-small", "Model preset.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Global batch size.")
@@ -23,6 +34,15 @@ _SEQ = flags.DEFINE_integer("seq_len", 128, "Sequence length.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _MESH = flags.DEFINE_string("mesh", "data=-1", "Mesh axis sizes, e.g. data=2,expert=4.")
 _ITERS = flags.DEFINE_integer("iters", 5, "Timed steps (median).")
+_ATTENTION = flags.DEFINE_enum("attention_impl", "xla", ATTENTION_IMPLS, "Attention kernel.")
+_MOE = flags.DEFINE_enum("moe_impl", "auto", MOE_IMPLS, "MoE dispatch.")
+_GMM = flags.DEFINE_enum("gmm_impl", "auto", GMM_IMPLS, "Grouped GEMM of the dropless path.")
+_REMAT = flags.DEFINE_enum("remat_policy", "none", REMAT_POLICIES, "Per-block remat policy.")
+_FUSE = flags.DEFINE_bool("fuse_gate_up", False, "One [E, D, 2F] GEMM for w1 and v1.")
+_EXCHANGE = flags.DEFINE_enum("moe_exchange", "all_gather", MOE_EXCHANGES, "Expert exchange.")
+_PROFILE = flags.DEFINE_integer("profile_steps", 0, "Trace this many steps for a breakdown.")
+_TRACE_DIR = flags.DEFINE_string("trace_dir", None, "Keep the profiler trace here.")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the report here.")
 _COMPARE_HF = flags.DEFINE_bool("compare_hf", False, "Also time transformers' step.")
 _HF_WORKER = flags.DEFINE_bool("hf_worker", False, "Internal: be the transformers process.")
 
@@ -31,17 +51,35 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = DbrxConfig.preset(_PRESET.value, dtype=_DTYPE.value, param_dtype="float32")
+    knobs = dict(
+        attention_impl=_ATTENTION.value,
+        moe_impl=_MOE.value,
+        gmm_impl=_GMM.value,
+        remat_policy=_REMAT.value,
+        moe_fuse_gate_up=_FUSE.value,
+        moe_exchange=_EXCHANGE.value,
+    )
     if _HF_WORKER.value:
         row = bench.hf_train_step_benchmark(
             config, _BATCH.value, _SEQ.value, iters=_ITERS.value, dtype=_DTYPE.value
         )
         print(json.dumps(row))
         return
+    # transformers first, in its own process, before this one's JAX takes the accelerator's
+    # memory (XLA preallocates most of it on first use).
+    hf = _run_hf_worker() if _COMPARE_HF.value else None
     sizes = {k: int(v) for k, v in (item.split("=") for item in _MESH.value.split(","))}
     ours = summary.time_train_step(
-        config, sharding.make_mesh(sizes), _BATCH.value, _SEQ.value, iters=_ITERS.value
+        config.replace(**knobs),
+        sharding.make_mesh(sizes),
+        _BATCH.value,
+        _SEQ.value,
+        iters=_ITERS.value,
+        profile_steps=_PROFILE.value,
+        trace_dir=_TRACE_DIR.value,
     )
-    flops_per_s = flops.train_flops_per_token(config, _SEQ.value) * ours["tokens_per_s"]
+    flops_per_token = flops.train_flops_per_token(config, _SEQ.value)
+    flops_per_s = flops_per_token * ours["tokens_per_s"]
     peak = metrics.peak_flops()
     report = {
         "device": jax.devices()[0].device_kind,
@@ -49,34 +87,36 @@ def main(argv):
         "batch": _BATCH.value,
         "seq_len": _SEQ.value,
         "dtype": _DTYPE.value,
+        "knobs": knobs,
+        "peak_tflops_per_device": peak / 1e12 if peak else None,
         "ours": {
             **ours,
             "model_tflops": flops_per_s / 1e12,
             "mfu": flops_per_s / (peak * jax.device_count()) if peak else None,
         },
     }
-    if _COMPARE_HF.value:
-        out = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--hf_worker",
-                *argv[1:],
-                *(a for a in sys.argv[1:] if a != "--compare_hf"),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        hf = json.loads(out.stdout.strip().splitlines()[-1])
-        hf["mfu"] = (
-            (flops.train_flops_per_token(config, _SEQ.value) * hf["tokens_per_s"] / peak)
-            if peak
-            else None
-        )
+    if hf is not None:
+        hf["mfu"] = flops_per_token * hf["tokens_per_s"] / peak if peak else None
         report["hf"] = hf
         report["speedup"] = ours["tokens_per_s"] / hf["tokens_per_s"]
     print(json.dumps(report, indent=2))
+    if _JSON_OUT.value:
+        with open(_JSON_OUT.value, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+def _run_hf_worker() -> dict:
+    args = [a for a in sys.argv[1:] if not a.startswith(("--compare_hf", "--json_out"))]
+    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, __file__, "--hf_worker", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if out.returncode:
+        raise RuntimeError(f"the transformers step failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

@@ -88,13 +88,18 @@ def test_bench_moe_runs_and_writes_json(tmp_path):
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in rows)
 
 
-def test_gpu_bench_script_smoke_mode(tmp_path):
-    env = {
+def _smoke_env(out_dir) -> dict[str, str]:
+    """The environment of a GPU script's SMOKE=1 mode, with this interpreter's python3 first."""
+    return {
         **os.environ,
         "SMOKE": "1",
-        "OUT": str(tmp_path),
+        "OUT": str(out_dir),
         "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}",
     }
+
+
+def test_gpu_bench_script_smoke_mode(tmp_path):
+    env = _smoke_env(tmp_path)
     subprocess.run(
         ["bash", "experiments/gpu_bench_moe.sh"],
         cwd=ROOT,
@@ -106,6 +111,28 @@ def test_gpu_bench_script_smoke_mode(tmp_path):
     )
     rows = json.loads((tmp_path / "bench_moe.json").read_text())["rows"]
     assert {r["impl"] for r in rows} == {"matmul (ceiling)", "dense", "dropless", "capacity"}
+
+
+def test_gpu_check_script_smoke_mode(tmp_path):
+    """The one-run GPU throughput check, on CPU at dbrx-tiny size: every part runs and writes
+    its report (with the transformers comparison and the step profile)."""
+    env = _smoke_env(tmp_path)
+    result = subprocess.run(
+        ["bash", "experiments/gpu_check.sh"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, (tmp_path / "summary.txt").read_text()
+    fast = json.loads((tmp_path / "train_fast.json").read_text())
+    assert fast["hf"]["tokens_per_s"] > 0 and fast["speedup"] > 0
+    assert fast["ours"]["profile"]["ms_per_step"]["expert GEMMs"] > 0
+    assert json.loads((tmp_path / "train_remat.json").read_text())["knobs"]["remat_policy"] == (
+        "matmuls"
+    )
+    assert (tmp_path / "train_capacity.json").exists()
 
 
 def test_bench_train_compares_with_transformers():

