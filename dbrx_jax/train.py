@@ -144,15 +144,18 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, mesh, grad_accum
         grads, step_metrics = accumulate_gradients(graphdef, params, batch, key, grad_accum_steps)
         with jax.named_scope("optimizer"):
             grad_norm = optax.tree.norm(grads)
-            updates, new_opt_state = tx.update(grads, opt_state, params)
-            new_params = optax.apply_updates(params, updates)
             # A non-finite loss or gradient leaves the state as it was (the loop counts these).
+            # A branch, not a select over every array: the update's pass is the only one.
             finite = jnp.isfinite(step_metrics["loss"]) & jnp.isfinite(grad_norm)
 
-            def keep(new, old):
-                return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+            def update(state):
+                params, opt_state = state
+                updates, opt_state = tx.update(grads, opt_state, params)
+                return optax.apply_updates(params, updates), opt_state
 
-            new_params, new_opt_state = keep(new_params, params), keep(new_opt_state, opt_state)
+            new_params, new_opt_state = jax.lax.cond(
+                finite, update, lambda state: state, (params, opt_state)
+            )
         step_metrics.update(grad_norm=grad_norm, skipped=~finite)
         return new_params, new_opt_state, step_metrics
 
