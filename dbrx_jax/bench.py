@@ -26,6 +26,21 @@ from dbrx_jax.moe_dispatch import experts
 from dbrx_jax.safetensors_io import SafetensorsCheckpoint, SafetensorsWriter
 
 
+def run_hf_worker(script: str, argv: Sequence[str]):
+    """transformers' side of a comparison: `python script --hf_worker ARGV` (without
+    --compare_hf / --json_out) in its own process, with JAX on CPU there; returns the JSON of its
+    last output line. Call it before this process touches the accelerator: XLA preallocates most
+    of its memory on first use, which would starve PyTorch."""
+    args = [a for a in argv if not a.startswith(("--compare_hf", "--json_out"))]
+    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, script, "--hf_worker", *args], capture_output=True, text=True, env=env
+    )
+    if out.returncode:
+        raise RuntimeError(f"the transformers worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def time_call(fn: Callable, *args, iters: int = 5, warmup: int = 1) -> float:
     """Median seconds of `fn(*args)` (outputs blocked on), after `warmup` untimed calls."""
     for _ in range(warmup):

@@ -124,6 +124,54 @@ def time_train_step(
     return report
 
 
+def train_report(
+    config: DbrxConfig,
+    mesh,
+    batch_size: int,
+    seq_len: int,
+    *,
+    iters: int = 5,
+    profile_steps: int = 0,
+    trace_dir: str | None = None,
+    hf: dict | None = None,
+) -> dict:
+    """bench_train's report: `time_train_step` with model TFLOP/s and MFU (PERFORMANCE.md's FLOP
+    count, the device kind's peak), next to transformers' figures `hf` if given."""
+    from dbrx_jax import metrics
+
+    ours = time_train_step(
+        config,
+        mesh,
+        batch_size,
+        seq_len,
+        iters=iters,
+        profile_steps=profile_steps,
+        trace_dir=trace_dir,
+    )
+    flops_per_token = flops.train_flops_per_token(config, seq_len)
+    peak = metrics.peak_flops()
+
+    def mfu(tokens_per_s, devices):
+        return flops_per_token * tokens_per_s / (peak * devices) if peak else None
+
+    report = {
+        "device": jax.devices()[0].device_kind,
+        "devices": jax.device_count(),
+        "batch": batch_size,
+        "seq_len": seq_len,
+        "peak_tflops_per_device": peak / 1e12 if peak else None,
+        "ours": {
+            **ours,
+            "model_tflops": flops_per_token * ours["tokens_per_s"] / 1e12,
+            "mfu": mfu(ours["tokens_per_s"], jax.device_count()),
+        },
+    }
+    if hf is not None:
+        report["hf"] = {**hf, "mfu": mfu(hf["tokens_per_s"], 1)}
+        report["speedup"] = ours["tokens_per_s"] / hf["tokens_per_s"]
+    return report
+
+
 def _memory_report(compiled) -> dict[str, float | None]:
     """GiB per device: XLA's analysis of the step's buffers, and the allocator's peak so far
     (GPU/TPU; None on CPU, which does not report one)."""

@@ -7,7 +7,6 @@ and on accelerators the decode step's fraction of the memory-bandwidth roofline.
 """
 
 import json
-import subprocess
 import sys
 
 import jax
@@ -28,6 +27,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = DbrxConfig.preset(_PRESET.value, dtype=_DTYPE.value, param_dtype=_DTYPE.value)
+    # transformers first: its own process, before this one's JAX takes the accelerator.
+    compare = _COMPARE_HF.value and not _HF_WORKER.value
+    hf = bench.run_hf_worker(__file__, sys.argv[1:]) if compare else None
     rows = []
     for batch in map(int, _BATCHES.value):
         if _HF_WORKER.value:
@@ -52,19 +54,8 @@ def main(argv):
         print(json.dumps(rows))
         return
     report = {"device": jax.devices()[0].device_kind, "preset": _PRESET.value, "ours": rows}
-    if _COMPARE_HF.value:
-        out = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--hf_worker",
-                *(a for a in sys.argv[1:] if a != "--compare_hf"),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        report["hf"] = json.loads(out.stdout.strip().splitlines()[-1])
+    if hf is not None:
+        report["hf"] = hf
         report["decode_speedup"] = [
             o["decode_tokens_per_s"] / h["decode_tokens_per_s"]
             for o, h in zip(rows, report["hf"], strict=True)

@@ -7,19 +7,16 @@ config, measured in a separate process of the same run.
     python experiments/bench_train.py --preset=dbrx-small --batch_size=8 --seq_len=128 \
         --compare_hf --profile_steps=2                                 # CPU
     python experiments/bench_train.py --preset=dbrx-bench --batch_size=4 --seq_len=2048 \
-        --dtype=bfloat16 --attention_impl=cudnn --remat_policy=dots_no_batch \
-        --fuse_gate_up --profile_steps=3 --compare_hf                  # one GPU
+        --dtype=bfloat16 --attention_impl=cudnn --gmm_impl=mgpu --fuse_gate_up \
+        --profile_steps=3 --compare_hf                                 # one GPU
 """
 
 import json
-import os
-import subprocess
 import sys
 
-import jax
 from absl import app, flags
 
-from dbrx_jax import DbrxConfig, bench, flops, metrics, sharding, summary
+from dbrx_jax import DbrxConfig, bench, sharding, summary
 from dbrx_jax.config import (
     ATTENTION_IMPLS,
     GMM_IMPLS,
@@ -65,11 +62,10 @@ def main(argv):
         )
         print(json.dumps(row))
         return
-    # transformers first, in its own process, before this one's JAX takes the accelerator's
-    # memory (XLA preallocates most of it on first use).
-    hf = _run_hf_worker() if _COMPARE_HF.value else None
+    # transformers first: its own process, before this one's JAX takes the accelerator.
+    hf = bench.run_hf_worker(__file__, sys.argv[1:]) if _COMPARE_HF.value else None
     sizes = {k: int(v) for k, v in (item.split("=") for item in _MESH.value.split(","))}
-    ours = summary.time_train_step(
+    report = summary.train_report(
         config.replace(**knobs),
         sharding.make_mesh(sizes),
         _BATCH.value,
@@ -77,46 +73,13 @@ def main(argv):
         iters=_ITERS.value,
         profile_steps=_PROFILE.value,
         trace_dir=_TRACE_DIR.value,
+        hf=hf,
     )
-    flops_per_token = flops.train_flops_per_token(config, _SEQ.value)
-    flops_per_s = flops_per_token * ours["tokens_per_s"]
-    peak = metrics.peak_flops()
-    report = {
-        "device": jax.devices()[0].device_kind,
-        "preset": _PRESET.value,
-        "batch": _BATCH.value,
-        "seq_len": _SEQ.value,
-        "dtype": _DTYPE.value,
-        "knobs": knobs,
-        "peak_tflops_per_device": peak / 1e12 if peak else None,
-        "ours": {
-            **ours,
-            "model_tflops": flops_per_s / 1e12,
-            "mfu": flops_per_s / (peak * jax.device_count()) if peak else None,
-        },
-    }
-    if hf is not None:
-        hf["mfu"] = flops_per_token * hf["tokens_per_s"] / peak if peak else None
-        report["hf"] = hf
-        report["speedup"] = ours["tokens_per_s"] / hf["tokens_per_s"]
+    report.update(preset=_PRESET.value, dtype=_DTYPE.value, knobs=knobs)
     print(json.dumps(report, indent=2))
     if _JSON_OUT.value:
         with open(_JSON_OUT.value, "w") as f:
             json.dump(report, f, indent=2)
-
-
-def _run_hf_worker() -> dict:
-    args = [a for a in sys.argv[1:] if not a.startswith(("--compare_hf", "--json_out"))]
-    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run(
-        [sys.executable, __file__, "--hf_worker", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    if out.returncode:
-        raise RuntimeError(f"the transformers step failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
