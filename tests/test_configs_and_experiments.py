@@ -133,6 +133,7 @@ def test_gpu_check_script_smoke_mode(tmp_path):
         "matmuls"
     )
     assert (tmp_path / "train_capacity.json").exists()
+    assert json.loads((tmp_path / "generate.json").read_text())["decode_speedup"][0] > 0
 
 
 def test_bench_train_compares_with_transformers():
