@@ -413,7 +413,7 @@ PRESETS: dict[str, DbrxConfig] = {
         dtype="bfloat16",
         param_dtype="bfloat16",
     ),
-    # The one-GPU benchmark shape of PERFORMANCE.md (3.31B params, 0.99B active matmul params).
+    # The one-GPU benchmark shape (3.31B params, 0.99B active matmul params).
     "dbrx-bench": DbrxConfig(
         d_model=2048,
         n_heads=16,

