@@ -14,7 +14,9 @@
 #      the "matmuls" remat policy;
 #   4. bench_generate on the same preset (batch 1, 128 + 128 tokens, bf16) against
 #      transformers' generate, with the decode step's fraction of the bandwidth roofline.
-# Each part has its own time limit, so one that hangs still leaves the others' figures.
+# Each part has its own time limit, so one that hangs still leaves the others' figures. All six
+# take about 9 minutes on a GPU; PARTS picks some (for two shorter runs), e.g.
+#   PARTS="tests fast mgpu" bash experiments/gpu_check.sh; PARTS="capacity remat generate" ...
 #   bash experiments/gpu_check.sh            # GPU
 #   SMOKE=1 bash experiments/gpu_check.sh    # any machine: dbrx-tiny, a few tokens
 set -uo pipefail
@@ -41,14 +43,16 @@ else
   common=(--preset=dbrx-bench --batch_size=4 --seq_len=2048 --iters=5 --dtype=bfloat16)
   fast=(--attention_impl=cudnn --gmm_impl=auto)
   generate=(--preset=dbrx-bench --batches=1 --prompt_len=128 --new_tokens=128 --dtype=bfloat16)
-  limit=420
+  limit=300
   export JAX_PLATFORMS=cuda
 fi
 
+PARTS=${PARTS:-tests fast mgpu capacity remat generate}
 status=0
-run() {  # name, seconds, command...: output to $OUT/name.txt, a failure noted but not fatal
-  local name=$1 seconds=$2
-  shift 2
+run() {  # part, name, seconds, command...: output to $OUT/name.txt; a failure noted, not fatal
+  local part=$1 name=$2 seconds=$3
+  shift 3
+  [[ " $PARTS " == *" $part "* ]] || return 0
   echo "== $name" | tee -a "$OUT/summary.txt"
   timeout "$seconds" "$@" > "$OUT/$name.txt" 2>&1
   local rc=$?
@@ -58,21 +62,21 @@ run() {  # name, seconds, command...: output to $OUT/name.txt, a failure noted b
 }
 
 if python3 -c "import pytest" 2> /dev/null; then
-  run gpu_tests 240 python3 -m pytest -q -p no:cacheprovider -rs tests/test_layers.py \
+  run tests gpu_tests 240 python3 -m pytest -q -p no:cacheprovider -rs tests/test_layers.py \
     tests/test_moe_dispatch.py -k "cudnn or tokamax or fused or mgpu or kernel"
 else
   echo "== gpu_tests: skipped (no pytest among the wheels)" | tee -a "$OUT/summary.txt"
 fi
-run train_fast "$limit" python3 experiments/bench_train.py "${common[@]}" "${fast[@]}" \
+run fast train_fast "$limit" python3 experiments/bench_train.py "${common[@]}" "${fast[@]}" \
   --fuse_gate_up --profile_steps=3 --compare_hf --json_out="$OUT/train_fast.json"
 if [[ "${SMOKE:-0}" != 1 ]]; then  # the Hopper kernels do not run on CPU
-  run train_mgpu "$limit" python3 experiments/bench_train.py "${common[@]}" "${fast[@]}" \
+  run mgpu train_mgpu "$limit" python3 experiments/bench_train.py "${common[@]}" "${fast[@]}" \
     --gmm_impl=mgpu --fuse_gate_up --profile_steps=3 --json_out="$OUT/train_mgpu.json"
 fi
-run train_capacity "$limit" python3 experiments/bench_train.py "${common[@]}" "${fast[@]}" \
+run capacity train_capacity "$limit" python3 experiments/bench_train.py "${common[@]}" "${fast[@]}" \
   --moe_impl=capacity --json_out="$OUT/train_capacity.json"
-run train_remat "$limit" python3 experiments/bench_train.py "${common[@]}" "${fast[@]}" \
+run remat train_remat "$limit" python3 experiments/bench_train.py "${common[@]}" "${fast[@]}" \
   --fuse_gate_up --remat_policy=matmuls --json_out="$OUT/train_remat.json"
-run generate 300 python3 experiments/bench_generate.py "${generate[@]}" --compare_hf \
+run generate generate 240 python3 experiments/bench_generate.py "${generate[@]}" --compare_hf \
   --json_out="$OUT/generate.json"
 exit $status
