@@ -56,9 +56,9 @@ def sample(
         logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
     if sampling.top_p < 1.0:
         sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
-        cumulative_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
+        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
         # Keep the smallest set whose probability reaches top_p (the first token always).
-        keep_BV = (cumulative_BV - jax.nn.softmax(sorted_BV, axis=-1)) < sampling.top_p
+        keep_BV = (jnp.cumsum(probs_BV, axis=-1) - probs_BV) < sampling.top_p
         threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
         logits_BV = jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
     return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)

@@ -287,8 +287,7 @@ def _megablox(lhs_RK, rhs_EKN, group_sizes_E, out_dtype):
         tiling,
         interpret=jax.default_backend() != "tpu",
     )
-    rows_R = jnp.arange(R) < jnp.sum(group_sizes_E)
-    return jnp.where(rows_R[:, None], out[:R], 0).astype(out_dtype)
+    return _rows_in_groups(out[:R], group_sizes_E).astype(out_dtype)
 
 
 def _round_up(x: int, m: int) -> int:

@@ -187,13 +187,9 @@ class Dbrx(nnx.Module):
                     f"tokens_BT: expected integer ids of shape [B, T], got "
                     f"{tokens_BT.dtype}{list(tokens_BT.shape)}"
                 )
-            # Gather the FSDP shards of the table first (as for any weight); GSPMD then does the
-            # lookup from the vocab-sharded table with a masked gather and a psum.
-            table_VD = constrain(self.wte[...], ("vocab", "act_embed"))
-            h_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(dtype)
+            h_BTD = self.embed(tokens_BT)
         else:
-            h_BTD = inputs_embeds_BTD.astype(dtype)
-        h_BTD = constrain(h_BTD, ACTIVATION_AXES)
+            h_BTD = constrain(inputs_embeds_BTD.astype(dtype), ACTIVATION_AXES)
         B, T, _ = h_BTD.shape
         if positions_BT is None:
             positions_BT = (
@@ -223,9 +219,7 @@ class Dbrx(nnx.Module):
         turns the ones needed into logits) and the updated cache."""
         c = self.config
         T = tokens_BT.shape[1]
-        h_BTD = constrain(
-            jnp.take(self.wte[...], tokens_BT, axis=0).astype(c.compute_dtype), ACTIVATION_AXES
-        )
+        h_BTD = self.embed(tokens_BT)
         cos_BTH, sin_BTH = rope_tables(positions_BT, c.head_dim, c.rope_theta, c.compute_dtype)
         start = cache.length
         valid_BS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BS, valid_BT, start, axis=1)
@@ -252,6 +246,14 @@ class Dbrx(nnx.Module):
         )
         new_cache = KVCache(k=k, v=v, valid_BS=valid_BS, length=start + T)
         return self.norm_f(h_BTD), new_cache
+
+    def embed(self, tokens_BT: jax.Array) -> jax.Array:
+        """Token embeddings `[B, T, D]` in the compute dtype."""
+        # Gather the FSDP shards of the table first (as for any weight); GSPMD then does the
+        # lookup from the vocab-sharded table with a masked gather and a psum.
+        table_VD = constrain(self.wte[...], ("vocab", "act_embed"))
+        h_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(self.config.compute_dtype)
+        return constrain(h_BTD, ACTIVATION_AXES)
 
     def logits(self, h_BTD: jax.Array) -> jax.Array:
         """lm_head on final-norm hidden states (from `extend`)."""

@@ -215,10 +215,14 @@ def init_train_state(config: DbrxConfig, tx: optax.GradientTransformation, mesh,
     """(graphdef, params, opt_state), each array created directly in its sharded layout."""
     model = sharding.shard_module(lambda: Dbrx(config, rngs=nnx.Rngs(seed)), mesh)
     graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, params, init_opt_state(tx, params, mesh)
+
+
+def init_opt_state(tx: optax.GradientTransformation, params, mesh):
+    """A fresh optimizer state for `params`, each array created in its sharded layout."""
     opt_shardings = sharding.param_shardings(jax.eval_shape(tx.init, params), mesh)
     with jax.set_mesh(mesh):
-        opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    return graphdef, params, opt_state
+        return jax.jit(tx.init, out_shardings=opt_shardings)(params)
 
 
 def prepare_tokenizer(data_config: ml_collections.ConfigDict, documents, workdir: str) -> str:
@@ -316,10 +320,7 @@ def _initial_state(setup: _Setup, config, checkpointer, train_iter):
             return graphdef, step, state["params"], state["opt_state"]
     if config.init_from:
         params = load_params(config.init_from, setup.model_config, abstract_params)
-        with jax.set_mesh(setup.mesh):
-            opt_shardings = jax.tree.map(lambda x: x.sharding, abstract_opt)
-            opt_state = jax.jit(setup.tx.init, out_shardings=opt_shardings)(params)
-        return graphdef, 0, params, opt_state
+        return graphdef, 0, params, init_opt_state(setup.tx, params, setup.mesh)
     graphdef, params, opt_state = init_train_state(
         setup.model_config, setup.tx, setup.mesh, config.seed
     )
