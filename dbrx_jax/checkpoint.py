@@ -181,7 +181,7 @@ def is_export(path: str) -> bool:
 
 def load_export_config(path: str) -> DbrxConfig:
     with open(os.path.join(path, EXPORT_CONFIG)) as f:
-        return DbrxConfig(**json.load(f))
+        return DbrxConfig.from_json(f.read())
 
 
 def restore_params(path: str, abstract_params):
@@ -212,12 +212,7 @@ def export_from_workdir(workdir: str, output: str, step: int | None = None) -> i
     if not steps:
         raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to export")
     step = steps[-1] if step is None else step
-    restored = checkpointer._manager.restore(
-        step,
-        args=ocp.args.Composite(
-            **{STATE: ocp.args.StandardRestore({"params": params, "opt_state": opt_state})}
-        ),
-    )
+    restored = checkpointer.restore_state(step, {"params": params, "opt_state": opt_state})
     checkpointer.close()
-    export_params(restored[STATE]["params"], model_config, output)
+    export_params(restored["params"], model_config, output)
     return step

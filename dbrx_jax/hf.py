@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dbrx_jax import checkpoint
 from dbrx_jax.config import DTYPES, DbrxConfig, read_hf_config
 from dbrx_jax.model import Dbrx
 from dbrx_jax.safetensors_io import FLOAT_DTYPES, SafetensorsCheckpoint
@@ -44,18 +43,23 @@ def _transpose(w: np.ndarray, c: DbrxConfig) -> np.ndarray:
     return w.T
 
 
+def _xp(w):
+    """numpy for host arrays (loading), jax.numpy when the converter jits the layout change."""
+    return jnp if isinstance(w, jax.Array) else np
+
+
 def _wqkv_to_ours(w: np.ndarray, c: DbrxConfig) -> np.ndarray:
     K, G, H, D = c.kv_n_heads, c.n_kv_groups, c.head_dim, c.d_model
     q_KGHD = w[: K * G * H].reshape(K, G, H, D)
     k_K1HD = w[K * G * H : (K * G + K) * H].reshape(K, 1, H, D)
     v_K1HD = w[(K * G + K) * H :].reshape(K, 1, H, D)
-    return jnp.concatenate([q_KGHD, k_K1HD, v_K1HD], axis=1).transpose(3, 0, 1, 2)
+    return _xp(w).concatenate([q_KGHD, k_K1HD, v_K1HD], axis=1).transpose(3, 0, 1, 2)
 
 
 def _wqkv_to_hf(w_DKJH: np.ndarray, c: DbrxConfig) -> np.ndarray:
     K, G, H, D = c.kv_n_heads, c.n_kv_groups, c.head_dim, c.d_model
     w_KJHD = w_DKJH.transpose(1, 2, 3, 0)
-    return jnp.concatenate(
+    return _xp(w_DKJH).concatenate(
         [
             w_KJHD[:, :G].reshape(K * G * H, D),
             w_KJHD[:, G].reshape(K * H, D),
@@ -226,6 +230,8 @@ def from_pretrained(
     overrides: any other `DbrxConfig` field (attention_impl, remat_policy, max_seq_len, ...).
     """
     path = os.fspath(path)
+    from dbrx_jax import checkpoint  # Orbax: only for our exports, not at import
+
     if checkpoint.is_export(path):
         return _from_export(path, dtype, param_dtype, overrides)
     dtype = dtype or _checkpoint_dtype(path)
@@ -246,6 +252,8 @@ def from_pretrained(
 
 
 def _from_export(path: str, dtype, param_dtype, overrides) -> Dbrx:
+    from dbrx_jax import checkpoint
+
     stored = checkpoint.load_export_config(path)
     changes = dict(overrides)
     if dtype:
