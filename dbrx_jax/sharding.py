@@ -79,6 +79,21 @@ def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
     )
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+    """Axis sizes from a flag such as "fsdp=8,expert=8" (for `make_mesh`)."""
+    sizes = {}
+    for item in text.split(","):
+        axis, _, size = item.strip().partition("=")
+        try:
+            sizes[axis] = int(size)
+        except ValueError:
+            raise ValueError(
+                f"mesh {text!r}: expected axis=size items separated by commas, e.g. "
+                f"data=2,expert=4; axes are {MESH_AXES}"
+            ) from None
+    return sizes
+
+
 def logical_to_spec(logical_axes, shape=None, axis_sizes: Mapping[str, int] | None = None) -> P:
     """The PartitionSpec of an array with these logical axes. With `shape` and `axis_sizes`
     (e.g. `mesh.shape`), mesh axes of size 1 are dropped, and so is a mesh axis that does not

@@ -64,7 +64,7 @@ def main(argv):
         return
     # transformers first: its own process, before this one's JAX takes the accelerator.
     hf = bench.run_hf_worker(__file__, sys.argv[1:]) if _COMPARE_HF.value else None
-    sizes = {k: int(v) for k, v in (item.split("=") for item in _MESH.value.split(","))}
+    sizes = sharding.parse_mesh(_MESH.value)
     report = summary.train_report(
         config.replace(**knobs),
         sharding.make_mesh(sizes),

@@ -11,7 +11,7 @@ import resource
 
 from absl import app, flags
 
-from dbrx_jax import convert
+from dbrx_jax import convert, sharding
 
 _DIRECTION = flags.DEFINE_enum(
     "direction", None, ["hf_to_jax", "jax_to_hf"], "Which way.", required=True
@@ -34,11 +34,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _DIRECTION.value == "hf_to_jax":
-        mesh = (
-            {k: int(v) for k, v in (i.split("=") for i in _MESH.value.split(","))}
-            if _MESH.value
-            else None
-        )
+        mesh = sharding.parse_mesh(_MESH.value) if _MESH.value else None
         config = convert.hf_to_jax(
             _INPUT.value,
             _OUTPUT.value,

@@ -80,7 +80,7 @@ def main(argv):
     )
     mesh_context = contextlib.nullcontext()
     if _MESH.value:
-        sizes = {k: int(v) for k, v in (i.split("=") for i in _MESH.value.split(","))}
+        sizes = sharding.parse_mesh(_MESH.value)
         mesh = sharding.make_mesh(sizes)
         model, mesh_context = sharding.shard_model(model, mesh), jax.set_mesh(mesh)
     kwargs = dict(

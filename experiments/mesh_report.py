@@ -34,7 +34,7 @@ def main(argv):
         else experiment.model_config(_CONFIG.value.model)
     )
     for text in _MESHES.value:
-        sizes = {k: int(v) for k, v in (item.split("=") for item in text.split(","))}
+        sizes = sharding.parse_mesh(text)
         row = {
             "mesh": sizes,
             **summary.memory_per_device(

@@ -46,6 +46,12 @@ def test_make_mesh_sizes_and_errors():
         sharding.make_mesh({"data": -1, "expert": -1})
 
 
+def test_parse_mesh():
+    assert sharding.parse_mesh("fsdp=8, expert=8") == {"fsdp": 8, "expert": 8}
+    with pytest.raises(ValueError, match="expected axis=size items"):
+        sharding.parse_mesh("expert8")
+
+
 def test_logical_rules():
     sizes = {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}
     # Experts over `expert`, their D over fsdp, F over tensor.
