@@ -189,15 +189,9 @@ def hf_train_step_benchmark(
     the same config: the PyTorch reference we compare against. Needs the `test` extras (torch,
     transformers); run it in its own process (bench_train.py --compare_hf does)."""
     import torch
-    import transformers
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    hf_config = transformers.DbrxConfig(**config.to_hf())
-    hf_config._attn_implementation = "sdpa"
-    model = transformers.DbrxForCausalLM(hf_config).to(device=device, dtype=getattr(torch, dtype))
-    for block in model.transformer.blocks:  # transformers 5.x cannot clamp with clip_qkv None
-        if block.norm_attn_norm.attn.clip_qkv is None:
-            block.norm_attn_norm.attn.clip_qkv = float("inf")
+    model = _hf_model(config, device, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     tokens = torch.randint(0, config.vocab_size, (batch_size, seq_len), device=device)
 
@@ -218,6 +212,20 @@ def hf_train_step_benchmark(
         "peak_memory_gb": peak_gb,
         "device": device,
     }
+
+
+def _hf_model(config, device: str, dtype: str):
+    """transformers' DbrxForCausalLM for `config` (sdpa attention), random weights."""
+    import torch
+    import transformers
+
+    hf_config = transformers.DbrxConfig(**config.to_hf())
+    hf_config._attn_implementation = "sdpa"
+    model = transformers.DbrxForCausalLM(hf_config).to(device=device, dtype=getattr(torch, dtype))
+    for block in model.transformer.blocks:  # transformers 5.x cannot clamp with clip_qkv None
+        if block.norm_attn_norm.attn.clip_qkv is None:
+            block.norm_attn_norm.attn.clip_qkv = float("inf")
+    return model
 
 
 def checkpoint_benchmark(directory: str, gib: float = 1.0, arrays: int = 16) -> dict[str, float]:
@@ -379,15 +387,9 @@ def hf_generate_benchmark(
 ) -> dict[str, float]:
     """The same measurement for transformers' `generate` (greedy, KV cache). Needs torch."""
     import torch
-    import transformers
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    hf_config = transformers.DbrxConfig(**config.to_hf())
-    model = transformers.DbrxForCausalLM(hf_config).to(device=device, dtype=getattr(torch, dtype))
-    model.eval()
-    for block in model.transformer.blocks:  # transformers 5.x cannot clamp with clip_qkv None
-        if block.norm_attn_norm.attn.clip_qkv is None:
-            block.norm_attn_norm.attn.clip_qkv = float("inf")
+    model = _hf_model(config, device, dtype).eval()
     ids = torch.randint(0, config.vocab_size, (batch, prompt_len), device=device)
 
     def run(n):

@@ -29,8 +29,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = DbrxConfig.preset(_PRESET.value, dtype=_DTYPE.value, param_dtype=_DTYPE.value)
     # transformers first: its own process, before this one's JAX takes the accelerator.
-    compare = _COMPARE_HF.value and not _HF_WORKER.value
-    hf = bench.run_hf_worker(__file__, sys.argv[1:]) if compare else None
+    hf = bench.run_hf_worker(__file__, sys.argv[1:]) if _COMPARE_HF.value else None
     rows = []
     for batch in map(int, _BATCHES.value):
         if _HF_WORKER.value:
