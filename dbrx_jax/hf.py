@@ -214,7 +214,8 @@ def _checkpoint_dtype(hf_dir: str) -> str:
     return name if name in DTYPES else "float32"
 
 
-def _params(model: Dbrx) -> dict[tuple[str, ...], nnx.Param]:
+def param_variables(model: Dbrx) -> dict[tuple[str, ...], nnx.Param]:
+    """Every nnx.Param of `model` by its path (concrete or abstract)."""
     return {path: v for path, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)}
 
 
@@ -239,7 +240,7 @@ def from_pretrained(
     ckpt = SafetensorsCheckpoint(path)
     check_hf_checkpoint(ckpt, config)
     model = nnx.eval_shape(lambda: Dbrx(config, rngs=nnx.Rngs(0)))
-    params = _params(model)
+    params = param_variables(model)
     for row in TENSOR_MAPS:
         variable = params[row.path]
         value = load_param(ckpt, row, config, np.dtype(config.weight_dtype))
@@ -274,7 +275,7 @@ def hf_state_dict(model: Dbrx) -> dict[str, np.ndarray]:
     """The model's parameters as Hugging Face tensors (names and layouts), in their stored dtype,
     as host numpy arrays (the whole model at once)."""
     config = model.config
-    params = _params(model)
+    params = param_variables(model)
     tensors: dict[str, np.ndarray] = {}
     for row in TENSOR_MAPS:
         value = np.asarray(params[row.path].get_value())
