@@ -193,18 +193,17 @@ def inference_memory(
     """GiB per device to serve `config` (its param dtype) with a KV cache of `context` tokens
     for `batch` sequences, on a mesh of these sizes; from shapes alone."""
     from dbrx_jax import sharding
-    from dbrx_jax.model import CACHE_AXES
+    from dbrx_jax.model import CACHE_AXES, KVCache
 
     sizes = {axis: int(axis_sizes.get(axis, 1)) for axis in sharding.MESH_AXES}
-    params = nnx.state(nnx.eval_shape(lambda: Dbrx(config, rngs=nnx.Rngs(0))), nnx.Param)
-    cache_shape = (config.n_layers, batch, context, config.kv_n_heads, config.head_dim)
-    spec = sharding.logical_to_spec(CACHE_AXES, cache_shape, sizes)
-    cache_block = sharding.shard_shape(cache_shape, spec, sizes)
-    cache_bytes = 2 * int(np.prod(cache_block)) * jnp.dtype(config.compute_dtype).itemsize
-    params_gib = sharding.bytes_per_device(params, sizes) / 2**30
+    params = memory_per_device(config, sizes, optimizer_moments=0)
+    cache = jax.eval_shape(lambda: KVCache.zeros(config, batch, context))
+    spec = sharding.logical_to_spec(CACHE_AXES, cache.k.shape, sizes)
+    cache_block = sharding.shard_shape(cache.k.shape, spec, sizes)
+    cache_gib = 2 * int(np.prod(cache_block)) * cache.k.dtype.itemsize / 2**30  # k and v
     return {
-        "devices": int(np.prod(list(sizes.values()))),
-        "params_gib": params_gib,
-        "kv_cache_gib": cache_bytes / 2**30,
-        "total_gib": params_gib + cache_bytes / 2**30,
+        "devices": params["devices"],
+        "params_gib": params["params_gib"],
+        "kv_cache_gib": cache_gib,
+        "total_gib": params["params_gib"] + cache_gib,
     }
