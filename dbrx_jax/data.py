@@ -25,9 +25,12 @@ import os
 from collections.abc import Sequence
 
 import grain
+import jax
+import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
-from dbrx_jax.tokenizer import load_tokenizer
+from dbrx_jax.tokenizer import load_tokenizer, train_sentencepiece
 
 
 def kjv_path() -> str:
@@ -140,6 +143,20 @@ def split_indices(num_docs: int, eval_fraction: float, split: str) -> list[int]:
     return [i for i in range(num_docs) if (i % every == 0) == (split == "eval")]
 
 
+def prepare_tokenizer(data_config: ml_collections.ConfigDict, documents, workdir: str) -> str:
+    """The tokenizer spec for `data.tokenizer`; "spm" trains a sentencepiece model on the
+    training split once and caches it in the workdir (process 0 trains, the rest wait)."""
+    if data_config.tokenizer != "spm":
+        return data_config.tokenizer
+    path = os.path.join(workdir, f"spm_{data_config.spm_vocab_size}.model")
+    if jax.process_index() == 0 and not os.path.exists(path):
+        train_split = split_indices(len(documents), data_config.eval_fraction, "train")
+        train_sentencepiece((documents[i] for i in train_split), path, data_config.spm_vocab_size)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("tokenizer")
+    return path
+
+
 class Tokenize(grain.transforms.Map):
     """text -> {"tokens": int32 ids + end of document}. The tokenizer loads lazily, once per
     process (grain workers included)."""
@@ -174,7 +191,7 @@ class SplitLongDocuments(grain.experimental.FlatMapTransform):
 
 
 def positions_from_segments(segment_ids: np.ndarray) -> np.ndarray:
-    """0, 1, 2, ... restarting where the segment id changes (numpy; see model.py for jax)."""
+    """0, 1, 2, ... restarting where the segment id changes (numpy; model/dbrx.py has jax's)."""
     index = np.broadcast_to(np.arange(segment_ids.shape[1]), segment_ids.shape)
     starts = np.concatenate(
         [np.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1

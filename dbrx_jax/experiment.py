@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import ml_collections
 from ml_collections import config_dict
 
-from dbrx_jax.config import PRESETS, DbrxConfig
+from dbrx_jax.config import PRESETS, RENAMED_FIELDS, DbrxConfig
 from dbrx_jax.sharding import MESH_AXES
 
 _PLACEHOLDER_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
@@ -37,7 +38,8 @@ def model_section(preset: str, **overrides) -> ml_collections.ConfigDict:
     cd = ml_collections.ConfigDict(section)
     for key, value in overrides.items():
         if key not in section:
-            raise ValueError(f"model override {key!r} is not a DbrxConfig field")
+            renamed = f" (renamed {RENAMED_FIELDS[key]!r})" if key in RENAMED_FIELDS else ""
+            raise ValueError(f"model override {key!r} is not a DbrxConfig field{renamed}")
         setattr(cd, key, value)
     return cd
 
@@ -121,6 +123,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "batch_size",
         f"a multiple of grad_accum_steps={config.grad_accum_steps}",
     )
+
+
+def process_batch_size(config: ml_collections.ConfigDict) -> int:
+    """This process' share of the global batch (every process feeds the same number of rows)."""
+    processes = jax.process_count()
+    if config.batch_size % processes:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} is not a multiple of the {processes} processes"
+        )
+    return config.batch_size // processes
 
 
 def _same_keys(config, schema, where: str) -> None:

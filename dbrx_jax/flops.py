@@ -1,4 +1,5 @@
-"""Parameter and FLOP counts, by MaxText's convention (used for MFU everywhere in the repo).
+"""Parameter and FLOP counts by MaxText's convention, and the devices' peaks (for MFU and the
+decode roofline everywhere in the repo).
 
 Training FLOPs per token = 6 * active matmul parameters (lm_head included, the embedding lookup
 excluded) + 6 * L * d_model * S for causal attention (12 * L * d * S, halved by the mask).
@@ -6,7 +7,64 @@ excluded) + 6 * L * d_model * S for causal attention (12 * L * d * S, halved by 
 
 from __future__ import annotations
 
+import jax
+
 from dbrx_jax.config import DbrxConfig
+
+# Dense bf16 peak FLOP/s per chip, for MFU (vendor figures; sparse figures are twice these).
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+}
+
+
+# HBM bandwidth per chip (bytes/s), for the decode roofline.
+PEAK_BANDWIDTH = {
+    "H200": 4.8e12,
+    "H100": 3.35e12,
+    "A100": 2.0e12,
+    "TPU v5p": 2.76e12,
+    "TPU v5 lite": 8.2e11,
+    "TPU v6 lite": 1.64e12,
+    "TPU v4": 1.2e12,
+}
+
+
+def peak_flops(device_kind: str | None = None) -> float | None:
+    """Peak bf16 FLOP/s of one device of this kind; None where unknown (CPUs)."""
+    return _lookup(PEAK_FLOPS, device_kind)
+
+
+def peak_bandwidth(device_kind: str | None = None) -> float | None:
+    """HBM bytes/s of one device of this kind; None where unknown."""
+    return _lookup(PEAK_BANDWIDTH, device_kind)
+
+
+def _lookup(table: dict[str, float], device_kind: str | None) -> float | None:
+    kind = device_kind or jax.devices()[0].device_kind
+    for name, value in table.items():
+        if name.lower() in kind.lower():
+            return value
+    return None
+
+
+def describe(config: DbrxConfig, seq_len: int) -> dict[str, int]:
+    """The counts one asks of a config first."""
+    return {
+        "params": config.num_params(),
+        "active_params": config.num_active_params(),
+        "active_matmul_params": active_matmul_params(config),
+        "train_flops_per_token": train_flops_per_token(config, seq_len),
+    }
 
 
 def active_matmul_params(c: DbrxConfig) -> int:
@@ -24,10 +82,6 @@ def attention_flops_per_token(c: DbrxConfig, seq_len: int) -> int:
 
 def train_flops_per_token(c: DbrxConfig, seq_len: int) -> int:
     return 6 * active_matmul_params(c) + attention_flops_per_token(c, seq_len)
-
-
-def forward_flops_per_token(c: DbrxConfig, seq_len: int) -> int:
-    return train_flops_per_token(c, seq_len) // 3
 
 
 def decode_bytes_per_step(c: DbrxConfig, batch: int, context: int, bytes_per_param: int = 2) -> int:

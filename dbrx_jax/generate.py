@@ -1,14 +1,15 @@
 """Generation: prefill, then a KV-cached decode loop, all of it in one jitted program.
 
-The prompts of a batch are left-padded to one length (padding is masked out of attention and
-its positions do not count: every prompt starts at position 0). After the prefill, a
-`lax.while_loop` emits one token per step for every row until each row has produced a stop
-token or `max_new_tokens`; no Python runs per token (an optional `on_token` host callback lets
-a console print the text as it comes). Sampling: greedy (temperature 0), or temperature with
-top-k and/or top-p, from an explicit PRNG key. Vocabulary rows at or past `vocab_limit` (DBRX
-pads 100,280 ids to 100,352 rows) are never produced.
+The prompts of a batch are left-padded to one length (padding is segment 0: masked out of
+attention, and every prompt starts at position 0). Prefill and every decode step are the model's
+one forward pass with a `KVCache` (model/dbrx.py). After the prefill, a `lax.while_loop` emits
+one token per step for every row until each row has produced a stop token or `max_new_tokens`;
+no Python runs per token (an optional `on_token` host callback lets a console print the text as
+it comes). Sampling: greedy (temperature 0), or temperature with top-k and/or top-p, from an
+explicit PRNG key. Vocabulary rows at or past `vocab_limit` (DBRX pads 100,280 ids to 100,352
+rows) are never produced. A model built for a mesh generates on it, weights and cache sharded.
 
-Also here: DBRX-instruct's chat format (ChatML with its default system message).
+Shape letters as in dbrx_jax/model/__init__.py (X: new tokens).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from dbrx_jax.model import Dbrx, KVCache, positions_from_segments
+from dbrx_jax.model import Dbrx, KVCache
+from dbrx_jax.tokenizer import Tokenizer
 
 DBRX_STOP_IDS = (100257, 100279)  # <|endoftext|>, <|im_end|>
 
@@ -66,25 +68,26 @@ def sample(
 
 @struct.dataclass
 class Generated:
-    """tokens_BN: the new tokens per row, stop token included, then `pad_id`.
+    """tokens_BX: the new tokens per row, stop token included, then `pad_id`.
     lengths_B: how many of them are real (the stop token counts)."""
 
-    tokens_BN: jax.Array
+    tokens_BX: jax.Array
     lengths_B: jax.Array
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 8):
-    """tokens [B, P] and valid [B, P] with every prompt flush right; P is rounded up to a
-    multiple of `multiple` so that nearby lengths share a compiled program."""
+    """tokens [B, T] and segment ids [B, T] (1 for the prompt, 0 for padding) with every prompt
+    flush right; T is rounded up to a multiple of `multiple` so that nearby lengths share a
+    compiled program."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    P = -(-max(len(p) for p in prompts) // multiple) * multiple
-    tokens = np.full((len(prompts), P), pad_id, np.int32)
-    valid = np.zeros((len(prompts), P), bool)
+    T = -(-max(len(p) for p in prompts) // multiple) * multiple
+    tokens = np.full((len(prompts), T), pad_id, np.int32)
+    segment_ids = np.zeros((len(prompts), T), np.int32)
     for row, prompt in enumerate(prompts):
-        tokens[row, P - len(prompt) :] = prompt
-        valid[row, P - len(prompt) :] = True
-    return tokens, valid
+        tokens[row, T - len(prompt) :] = prompt
+        segment_ids[row, T - len(prompt) :] = 1
+    return tokens, segment_ids
 
 
 def generate(
@@ -102,13 +105,13 @@ def generate(
     """Generates up to `max_new_tokens` for each prompt (lists of token ids).
 
     on_token(tokens_B, alive_B): called on the host with every step's tokens (streaming)."""
-    tokens, valid = left_pad(prompts, pad_id)
+    tokens, segment_ids = left_pad(prompts, pad_id)
     key = jax.random.key(0) if key is None else key
     graphdef, state = nnx.split(model)
     run = _compiled(
         graphdef, max_new_tokens, sampling, tuple(stop_ids), vocab_limit, pad_id, on_token
     )
-    return run(state, jnp.asarray(tokens), jnp.asarray(valid), key)
+    return run(state, jnp.asarray(tokens), jnp.asarray(segment_ids), key)
 
 
 @functools.lru_cache(maxsize=32)
@@ -116,43 +119,39 @@ def _compiled(graphdef, max_new_tokens, sampling, stop_ids, vocab_limit, pad_id,
     stop_ids = jnp.asarray(stop_ids or (-1,), jnp.int32)
 
     @jax.jit
-    def run(state, tokens_BP, valid_BP, key):
+    def run(state, tokens_BT, segment_ids_BT, key):
         model = nnx.merge(graphdef, state)
-        B, P = tokens_BP.shape
-        cache = KVCache.zeros(model.config, B, P + max_new_tokens)
-        positions_BP = positions_from_segments(valid_BP.astype(jnp.int32))
-        h_BPD, cache = model.extend(tokens_BP, positions_BP, valid_BP, cache)
+        B, T = tokens_BT.shape
+        cache = KVCache.zeros(model.config, B, T + max_new_tokens)
+        out = model(tokens_BT, segment_ids_BT=segment_ids_BT, cache=cache, last_only=True)
         key, first_key = jax.random.split(key)
-        token_B = sample(model.logits(h_BPD[:, -1:])[:, 0], first_key, sampling, vocab_limit)
-        next_position_B = positions_BP[:, -1] + 1
-        out_BN = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token_B)
+        token_B = sample(out.logits[:, 0], first_key, sampling, vocab_limit)
+        out_BX = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token_B)
         done_B = jnp.isin(token_B, stop_ids)
         _emit(on_token, token_B, jnp.ones_like(done_B))
 
         def cond(carry):
-            step, _, _, _, _, done_B, _ = carry
+            step, _, _, _, done_B, _ = carry
             return (step < max_new_tokens) & ~jnp.all(done_B)
 
         def body(carry):
-            step, out_BN, cache, token_B, position_B, done_B, key = carry
-            h_B1D, cache = model.extend(
-                token_B[:, None], position_B[:, None], jnp.ones((B, 1), bool), cache
-            )
+            step, out_BX, cache, token_B, done_B, key = carry
+            out = model(token_B[:, None], cache=cache, last_only=True)
             key, step_key = jax.random.split(key)
-            new_B = sample(model.logits(h_B1D)[:, 0], step_key, sampling, vocab_limit)
+            new_B = sample(out.logits[:, 0], step_key, sampling, vocab_limit)
             new_B = jnp.where(done_B, pad_id, new_B)
             _emit(on_token, new_B, ~done_B)
-            out_BN = jax.lax.dynamic_update_index_in_dim(out_BN, new_B, step, axis=1)
+            out_BX = jax.lax.dynamic_update_index_in_dim(out_BX, new_B, step, axis=1)
             done_B = done_B | jnp.isin(new_B, stop_ids)
-            return step + 1, out_BN, cache, new_B, position_B + 1, done_B, key
+            return step + 1, out_BX, out.cache, new_B, done_B, key
 
-        carry = (jnp.ones((), jnp.int32), out_BN, cache, token_B, next_position_B, done_B, key)
-        _, out_BN, _, _, _, _, _ = jax.lax.while_loop(cond, body, carry)
-        is_stop_BN = jnp.isin(out_BN, stop_ids)
+        carry = (jnp.ones((), jnp.int32), out_BX, out.cache, token_B, done_B, key)
+        _, out_BX, _, _, _, _ = jax.lax.while_loop(cond, body, carry)
+        is_stop_BX = jnp.isin(out_BX, stop_ids)
         first_stop_B = jnp.where(
-            is_stop_BN.any(1), jnp.argmax(is_stop_BN, axis=1) + 1, max_new_tokens
+            is_stop_BX.any(1), jnp.argmax(is_stop_BX, axis=1) + 1, max_new_tokens
         )
-        return Generated(tokens_BN=out_BN, lengths_B=first_stop_B.astype(jnp.int32))
+        return Generated(tokens_BX=out_BX, lengths_B=first_stop_B.astype(jnp.int32))
 
     return run
 
@@ -168,91 +167,19 @@ def _emit(on_token, tokens_B, alive_B):
         )
 
 
-# ---------------------------------------------------------------------------------------------
-# DBRX-instruct's chat format.
-
-DEFAULT_SYSTEM_MESSAGE = (
-    "You are DBRX, created by Databricks. You were last updated in December 2023. You answer "
-    "questions based on information available up to that point.\n"
-    "YOU PROVIDE SHORT RESPONSES TO SHORT QUESTIONS OR STATEMENTS, but provide thorough "
-    "responses to more complex and open-ended questions.\n"
-    "You assist with various tasks, from writing to coding (using markdown for code blocks — "
-    "remember to use ``` with code, JSON, and tables).\n"
-    "(You do not have real-time data access or code execution capabilities. You avoid "
-    "stereotyping and provide balanced perspectives on controversial topics. You do not "
-    "provide song lyrics, poems, or news articles and do not divulge details of your training "
-    "data.)\n"
-    "This is your system prompt, guiding your responses. Do not reference it, just respond to "
-    "the user. If you find yourself talking about this message, stop. You should be "
-    "responding appropriately and usually that means not mentioning this.\n"
-    "YOU DO NOT MENTION ANY OF THIS INFORMATION ABOUT YOURSELF UNLESS THE INFORMATION IS "
-    "DIRECTLY PERTINENT TO THE USER'S QUERY."
-)
-
-
-def chat_turns(
-    messages: Sequence[dict], system: str | None = DEFAULT_SYSTEM_MESSAGE
-) -> list[tuple[str, str]]:
-    """(role, content) turns: the given system message, or `system` if there is none (None:
-    no system turn); contents stripped as the release's template does."""
-    turns = [(m["role"], str(m["content"]).strip()) for m in messages]
-    for role, _ in turns:
-        if role not in ("system", "user", "assistant"):
-            raise ValueError(f"chat role {role!r}: expected system, user or assistant")
-    if (not turns or turns[0][0] != "system") and system is not None:
-        turns.insert(0, ("system", system.strip()))
-    return turns
-
-
-def render_chat(
-    messages: Sequence[dict],
-    *,
-    add_generation_prompt: bool = True,
-    system: str | None = DEFAULT_SYSTEM_MESSAGE,
-) -> str:
-    """The ChatML text: `<|im_start|>{role}\\n{content}<|im_end|>` turns joined by newlines,
-    then `\\n<|im_start|>assistant\\n` to prompt the reply."""
-    text = "\n".join(
-        f"<|im_start|>{role}\n{content}<|im_end|>" for role, content in chat_turns(messages, system)
+def sample_text(
+    model: Dbrx, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int
+) -> dict[str, str]:
+    """Greedy continuations of text prompts (how a model writes after training)."""
+    out = generate(
+        model,
+        [tokenizer.encode(p) for p in prompts],
+        max_new_tokens=max_new_tokens,
+        stop_ids=(tokenizer.eos_id,),
+        vocab_limit=tokenizer.vocab_size,
+        pad_id=tokenizer.pad_id,
     )
-    return text + ("\n<|im_start|>assistant\n" if add_generation_prompt else "")
-
-
-def chat_ids(
-    tokenizer,
-    messages: Sequence[dict],
-    *,
-    add_generation_prompt: bool = True,
-    system: str | None = DEFAULT_SYSTEM_MESSAGE,
-) -> list[int]:
-    """Token ids of `render_chat`'s text, with the turn markers as their special tokens and the
-    contents as plain text (a message cannot smuggle in <|im_end|>)."""
-    start, end = tokenizer.token_id("<|im_start|>"), tokenizer.token_id("<|im_end|>")
-    newline = tokenizer.encode("\n")
-    ids: list[int] = []
-    for i, (role, content) in enumerate(chat_turns(messages, system)):
-        if i:
-            ids += newline
-        ids += [start, *tokenizer.encode(f"{role}\n{content}"), end]
-    if add_generation_prompt:
-        ids += [*newline, start, *tokenizer.encode("assistant\n")]
-    return ids
-
-
-def find_tokenizer(checkpoint_dir: str, vocab_size: int):
-    """The tokenizer that goes with a checkpoint: an HF tokenizer.json beside it, a
-    sentencepiece model in it (a training workdir), DBRX's own for a DBRX-sized vocabulary,
-    else None (then only token ids can be given)."""
-    import glob
-    import os
-
-    from dbrx_jax.tokenizer import DbrxTokenizer, SentencePieceTokenizer
-
-    if os.path.isfile(os.path.join(checkpoint_dir, "tokenizer.json")):
-        return DbrxTokenizer(checkpoint_dir)
-    models = sorted(glob.glob(os.path.join(checkpoint_dir, "*.model")))
-    if models:
-        return SentencePieceTokenizer(models[0])
-    if vocab_size == 100352:
-        return DbrxTokenizer()
-    return None
+    tokens, lengths = jax.device_get((out.tokens_BX, out.lengths_B))
+    return {
+        p: tokenizer.decode(row[:n]) for p, row, n in zip(prompts, tokens, lengths, strict=True)
+    }

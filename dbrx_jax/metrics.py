@@ -10,52 +10,10 @@ from collections.abc import Mapping
 
 import jax
 import numpy as np
-
-# Dense bf16 peak FLOP/s per chip, for MFU (vendor figures; sparse figures are twice these).
-PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L4": 121e12,
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
-}
-
-
-# HBM bandwidth per chip (bytes/s), for the decode roofline.
-PEAK_BANDWIDTH = {
-    "H200": 4.8e12,
-    "H100": 3.35e12,
-    "A100": 2.0e12,
-    "TPU v5p": 2.76e12,
-    "TPU v5 lite": 8.2e11,
-    "TPU v6 lite": 1.64e12,
-    "TPU v4": 1.2e12,
-}
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
 _CONSOLE = ("loss", "ce", "grad_norm", "learning_rate", "tokens_per_s", "mfu", "eval_loss")
-
-
-def peak_flops(device_kind: str | None = None) -> float | None:
-    """Peak bf16 FLOP/s of one device of this kind; None where unknown (CPUs)."""
-    kind = device_kind or jax.devices()[0].device_kind
-    for name, flops in PEAK_FLOPS.items():
-        if name.lower() in kind.lower():
-            return flops
-    return None
-
-
-def peak_bandwidth(device_kind: str | None = None) -> float | None:
-    kind = device_kind or jax.devices()[0].device_kind
-    for name, bandwidth in PEAK_BANDWIDTH.items():
-        if name.lower() in kind.lower():
-            return bandwidth
-    return None
 
 
 def to_python(value):
@@ -73,12 +31,8 @@ class MetricsWriter:
             return
         os.makedirs(workdir, exist_ok=True)
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-        from tensorboardX import SummaryWriter
-
         self._tb = SummaryWriter(os.path.join(workdir, "tb"))
         if console:
-            from tqdm import tqdm
-
             self._bar = tqdm(total=total_steps, dynamic_ncols=True, unit="step")
 
     def write(self, step: int, metrics: Mapping[str, object], prefix: str = "") -> None:

@@ -9,8 +9,11 @@ Mesh axes:
   tensor  attention heads and the expert hidden dim F.
 
 The axes are `Auto` (GSPMD propagates shardings from the parameters and the constraints at
-block boundaries); the MoE alone runs under `jax.shard_map` (moe_parallel.py). They are passed
+block boundaries); the MoE alone runs under `jax.shard_map` (moe/exchange.py). They are passed
 explicitly because `jax.make_mesh`'s default axis type changed to `Explicit` in newer JAX.
+
+Nothing here reads an ambient mesh: a model is built for a mesh (`Dbrx(..., mesh=mesh)`), which
+`check_mesh` accepts or refuses, and every constraint names it.
 """
 
 from __future__ import annotations
@@ -144,29 +147,59 @@ def param_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
             spec = logical_to_spec(axes, value.shape, mesh.shape)
         return NamedSharding(mesh, spec)
 
-    return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(sharding, state, is_leaf=_is_variable)
 
 
-def active_mesh():
-    """The mesh set with `jax.set_mesh`, if it is one of ours; else None."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
-        return None
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def abstract_on(tree, mesh: Mesh | None):
+    """`tree`'s arrays (concrete or abstract, plain or in nnx variables) as ShapeDtypeStructs
+    carrying their shardings on `mesh` by the logical rules, or on the default device without a
+    mesh: the targets to create or restore a state into, whatever mesh it was saved from."""
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, tree, is_leaf=_is_variable)
+    else:
+        shardings = param_shardings(tree, mesh)
+
+    def attach(leaf, leaf_sharding):
+        if isinstance(leaf, nnx.Variable):
+            value = leaf.get_value()
+            return leaf.replace(
+                jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=leaf_sharding)
+            )
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf_sharding)
+
+    return jax.tree.map(attach, tree, shardings, is_leaf=_is_variable)
+
+
+def check_mesh(mesh: Mesh) -> Mesh:
+    """`mesh` if it has our four axes (as `make_mesh` builds it); a ValueError otherwise, rather
+    than a model that quietly runs without expert parallelism or constraints."""
+    missing = [axis for axis in MESH_AXES if axis not in mesh.axis_names]
+    if missing:
+        raise ValueError(
+            f"mesh with axes {tuple(mesh.axis_names)}: dbrx_jax needs the axes {MESH_AXES} "
+            f"(missing {missing}); build it with dbrx_jax.sharding.make_mesh, e.g. "
+            "make_mesh({'data': 2, 'expert': 4})"
+        )
     return mesh
 
 
-def constrain(x: jax.Array, logical_axes) -> jax.Array:
-    """Pin an activation's sharding (by logical axes) when running under one of our meshes."""
-    mesh = active_mesh()
+def constrain(x: jax.Array, logical_axes, mesh: Mesh | None) -> jax.Array:
+    """Pins an activation's sharding on `mesh` by its logical axes (nothing without a mesh)."""
     if mesh is None:
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh.shape))
+    spec = logical_to_spec(logical_axes, x.shape, mesh.shape)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def shard_module(create, mesh: Mesh):
-    """Builds `create()` (an nnx Module) directly into its sharded layout: parameters are
-    created by a jitted function whose outputs carry the shardings, so the whole model never
-    sits on one device."""
+    """Builds `create()` (an nnx Module) directly into its sharded layout on `mesh`: parameters
+    are created by a jitted function whose outputs carry the shardings, so the whole model never
+    sits on one device. (`create` builds the module for that mesh: `Dbrx(..., mesh=mesh)`.)"""
     abstract = nnx.eval_shape(create)
     graphdef, abstract_state = nnx.split(abstract)
     shardings = param_shardings(abstract_state, mesh)
@@ -174,8 +207,7 @@ def shard_module(create, mesh: Mesh):
     def init():
         return nnx.state(create())
 
-    with jax.set_mesh(mesh):
-        state = jax.jit(init, out_shardings=shardings)()
+    state = jax.jit(init, out_shardings=shardings)()
     return nnx.merge(graphdef, state)
 
 
@@ -238,11 +270,3 @@ def initialize_distributed(
         jax.local_device_count(),
         jax.device_count(),
     )
-
-
-def shard_model(model, mesh: Mesh):
-    """Moves an existing model's parameters onto `mesh` by the logical rules (for loading a
-    checkpoint on one host and serving it sharded; `shard_module` builds new models)."""
-    state = nnx.state(model)
-    nnx.update(model, jax.device_put(state, param_shardings(state, mesh)))
-    return model

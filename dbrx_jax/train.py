@@ -1,5 +1,5 @@
-"""Training as library code: the loss over packed sequences, the jitted train and eval steps over
-the mesh, and the loop `train(config, workdir)` that experiments/train.py and notebooks call.
+"""Training as library code: the loss over packed sequences, the jitted train and eval steps, and
+the loop `train(config, workdir)` that experiments/train.py and notebooks call.
 
 A batch is a dict of `[B, T]` arrays (data.model_batch makes them):
   inputs       token ids fed to the model
@@ -7,19 +7,24 @@ A batch is a dict of `[B, T]` arrays (data.model_batch makes them):
   segment_ids  document of each token in a packed row (0: padding)
   positions    RoPE position of each token within its document
   loss_mask    1.0 where the target is a real next token of the same document, else 0.0
+
+One step of the loop: the batch is sharded over the mesh (sharding.shard_batch), the jitted step
+(`make_train_step`) runs the model built for that mesh (its MoE plan fixed at build,
+moe/plan.py) forward and backward over `grad_accum_steps` micro-batches, and the optimizer
+updates the donated state, unless the loss or gradient is not finite. The loop waits on the
+device only to log, evaluate or save.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -28,18 +33,24 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dbrx_jax import checkpoint as ckpt
-from dbrx_jax import data, experiment, flops, metrics, sharding
-from dbrx_jax.config import DbrxConfig
+from dbrx_jax import data, experiment, flops, sharding
+from dbrx_jax.generate import sample_text
+from dbrx_jax.io import checkpoint
+from dbrx_jax.metrics import MetricsWriter
 from dbrx_jax.model import Dbrx
-from dbrx_jax.moe import load_balancing_loss, moe_aux_loss, moe_stats, router_z_loss
+from dbrx_jax.moe import load_balancing_loss, moe_aux_loss, moe_stats, plan_moe, router_z_loss
 from dbrx_jax.optim import learning_rate_schedule, make_optimizer
-from dbrx_jax.tokenizer import load_tokenizer, train_sentencepiece
+from dbrx_jax.state import CHECKPOINTS, RunConfig, initial_state
+from dbrx_jax.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 # Without a log or checkpoint step sooner, the loop reads the steps' `skipped` flags this often.
 _READ_SKIPPED_EVERY = 100
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective and the steps.
 
 
 def loss_fn(
@@ -53,7 +64,7 @@ def loss_fn(
     """The objective: next-token cross-entropy (fp32) summed over the masked targets and divided
     by `num_targets` (default: this batch's count), plus `aux_scale` x the MoE auxiliary losses.
     Gradient accumulation passes the whole batch's count and 1 / micro-batches."""
-    config: DbrxConfig = model.config
+    config = model.config
     out = model(
         batch["inputs"],
         segment_ids_BT=batch["segment_ids"],
@@ -62,8 +73,8 @@ def loss_fn(
     )
     with jax.named_scope("lm_head"):
         ce_BT = optax.softmax_cross_entropy_with_integer_labels(
-            out.logits.astype(jnp.float32),
-            batch["targets"],  # the softmax in fp32
+            out.logits.astype(jnp.float32),  # the softmax in fp32
+            batch["targets"],
         )
     mask_BT = batch["loss_mask"]
     ce_sum = jnp.sum(ce_BT * mask_BT)
@@ -135,9 +146,10 @@ def accumulate_gradients(graphdef, params, batch, key, grad_accum_steps: int = 1
     return grads, _summarise(micro_metrics)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, mesh, grad_accum_steps: int = 1):
-    """`step(params, opt_state, batch, key) -> (params, opt_state, metrics)`, jitted over the
-    mesh with the old parameters and optimizer state donated."""
+def make_train_step(graphdef, tx: optax.GradientTransformation, grad_accum_steps: int = 1):
+    """`step(params, opt_state, batch, key) -> (params, opt_state, metrics)`, jitted, with the
+    old parameters and optimizer state donated. The model (`graphdef`) carries its mesh; the
+    step is a plain `jax.jit` function (`step.lower(...)` compiles it ahead of time)."""
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(params, opt_state, batch, key):
@@ -159,188 +171,39 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, mesh, grad_accum
         step_metrics.update(grad_norm=grad_norm, skipped=~finite)
         return new_params, new_opt_state, step_metrics
 
-    def run(params, opt_state, batch, key):
-        with jax.set_mesh(mesh):
-            return step(params, opt_state, batch, key)
-
-    def lower(params, opt_state, batch, key):
-        with jax.set_mesh(mesh):
-            return step.lower(params, opt_state, batch, key)
-
-    run.lower = lower  # ahead-of-time: benchmarks time and profile the compiled step
-    return run
+    return step
 
 
-def make_eval_step(graphdef, mesh):
-    """`eval(params, batch) -> (cross-entropy sum, target count)`."""
+def make_eval_step(graphdef):
+    """`eval(params, batch) -> (cross-entropy sum, target count)`, jitted."""
 
     @jax.jit
     def evaluate(params, batch):
         _, m = loss_fn(nnx.merge(graphdef, params), batch)
         return m["ce_sum"], m["targets"]
 
-    def run(params, batch):
-        with jax.set_mesh(mesh):
-            return evaluate(params, batch)
-
-    return run
+    return evaluate
 
 
-def abstract_train_state(config: DbrxConfig, tx: optax.GradientTransformation, mesh):
-    """(graphdef, params, opt_state) as ShapeDtypeStructs carrying their shardings on `mesh`:
-    the targets to restore a checkpoint into, whatever mesh it was saved from."""
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: Dbrx(config, rngs=nnx.Rngs(0))), nnx.Param)
-    opt_state = jax.eval_shape(tx.init, params)
-
-    def with_shardings(tree):
-        def attach(leaf, sharding_):
-            if isinstance(leaf, nnx.Variable):
-                value = leaf.get_value()
-                return leaf.replace(
-                    jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding_)
-                )
-            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding_)
-
-        return jax.tree.map(
-            attach,
-            tree,
-            sharding.param_shardings(tree, mesh),
-            is_leaf=lambda x: isinstance(x, nnx.Variable),
-        )
-
-    return graphdef, with_shardings(params), with_shardings(opt_state)
-
-
-def init_train_state(config: DbrxConfig, tx: optax.GradientTransformation, mesh, seed: int = 0):
-    """(graphdef, params, opt_state), each array created directly in its sharded layout."""
-    model = sharding.shard_module(lambda: Dbrx(config, rngs=nnx.Rngs(seed)), mesh)
-    graphdef, params = nnx.split(model, nnx.Param)
-    return graphdef, params, init_opt_state(tx, params, mesh)
-
-
-def init_opt_state(tx: optax.GradientTransformation, params, mesh):
-    """A fresh optimizer state for `params`, each array created in its sharded layout."""
-    opt_shardings = sharding.param_shardings(jax.eval_shape(tx.init, params), mesh)
-    with jax.set_mesh(mesh):
-        return jax.jit(tx.init, out_shardings=opt_shardings)(params)
-
-
-def prepare_tokenizer(data_config: ml_collections.ConfigDict, documents, workdir: str) -> str:
-    """The tokenizer spec for `data.tokenizer`; "spm" trains a sentencepiece model on the
-    training split once and caches it in the workdir (process 0 trains, the rest wait)."""
-    if data_config.tokenizer != "spm":
-        return data_config.tokenizer
-    path = os.path.join(workdir, f"spm_{data_config.spm_vocab_size}.model")
-    if jax.process_index() == 0 and not os.path.exists(path):
-        train_split = data.split_indices(len(documents), data_config.eval_fraction, "train")
-        train_sentencepiece((documents[i] for i in train_split), path, data_config.spm_vocab_size)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("tokenizer")
-    return path
-
-
-@dataclasses.dataclass
-class _Setup:
-    mesh: jax.sharding.Mesh
-    model_config: DbrxConfig
-    tokenizer_spec: str
-    datasets: dict  # split -> () -> grain dataset
-    tx: optax.GradientTransformation
-    run_config: dict  # what a checkpoint records of the run
-
-
-def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Setup:
-    experiment.validate(config)
-    os.makedirs(workdir, exist_ok=True)
-    mesh = sharding.make_mesh(dict(config.mesh))
-    documents = data.load_documents(config.data.source, config.data.text_key)
-    tokenizer_spec = prepare_tokenizer(config.data, documents, workdir)
-    model_config = experiment.model_config(config.model, load_tokenizer(tokenizer_spec).vocab_size)
-    n_proc = jax.process_count()
-    if config.batch_size % n_proc:
-        raise ValueError(
-            f"config.batch_size={config.batch_size} is not a multiple of the {n_proc} processes"
-        )
-    datasets = {
-        split: functools.partial(
-            data.make_dataset,
-            documents,
-            tokenizer_spec,
-            seq_len=config.seq_len,
-            batch_size=config.batch_size // n_proc,
-            seed=config.seed,
-            split=split,
-            eval_fraction=config.data.eval_fraction,
-            process_index=jax.process_index(),
-            process_count=n_proc,
-            packing_bins=config.data.packing_bins or None,
-            worker_count=config.data.worker_count,
-        )
-        for split in ("train", "eval")
-    }
-    run_config = {
-        "experiment": config.to_dict(),
-        "model": json.loads(model_config.to_json()),
-        "architecture": model_config.architecture(),
-        "tokenizer": tokenizer_spec,
-    }
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(run_config, f, indent=2, default=str)
-    return _Setup(
-        mesh,
-        model_config,
-        tokenizer_spec,
-        datasets,
-        make_optimizer(config),
-        json.loads(json.dumps(run_config, default=str)),
-    )
-
-
-def _initial_state(setup: _Setup, config, checkpointer, train_iter):
-    """(first step, params, opt_state): the latest checkpoint's if there is one (checked to be
-    the same model), else `init_from`'s parameters with a new optimizer, else a new model."""
-    graphdef, abstract_params, abstract_opt = abstract_train_state(
-        setup.model_config, setup.tx, setup.mesh
-    )
-    if checkpointer is not None and checkpointer.steps():
-        for step in reversed(checkpointer.steps()):
-            try:
-                stored = checkpointer.stored_config(step)
-            except Exception:  # unreadable: restore_latest will skip it too
-                continue
-            ckpt.check_same_model(stored, setup.model_config, checkpointer.directory)
+def evaluate(eval_step, params, eval_dataset, mesh, max_batches: int) -> float:
+    """Mean next-token cross-entropy over the first `max_batches` held-out batches."""
+    ce_sum = count = 0.0
+    for i, batch in enumerate(eval_dataset):
+        if i == max_batches:
             break
-        abstract = {"params": abstract_params, "opt_state": abstract_opt}
-        step, state = checkpointer.restore_latest(abstract, train_iter)
-        if step is not None:
-            log.info("resumed from %s/%d", checkpointer.directory, step)
-            return graphdef, step, state["params"], state["opt_state"]
-    if config.init_from:
-        params = load_params(config.init_from, setup.model_config, abstract_params)
-        return graphdef, 0, params, init_opt_state(setup.tx, params, setup.mesh)
-    graphdef, params, opt_state = init_train_state(
-        setup.model_config, setup.tx, setup.mesh, config.seed
-    )
-    return graphdef, 0, params, opt_state
+        s, n = eval_step(params, sharding.shard_batch(batch, mesh))
+        ce_sum, count = ce_sum + float(s), count + float(n)
+    return ce_sum / max(count, 1.0)
 
 
-def load_params(path: str, model_config: DbrxConfig, abstract_params):
-    """Parameters from an export (checkpoint.export_params) or an HF directory, laid out as
-    `abstract_params` says; the architecture must match the run's."""
-    from dbrx_jax import hf
+# ---------------------------------------------------------------------------------------------
+# The loop.
 
-    if ckpt.is_export(path):
-        ckpt.check_same_model(
-            {"architecture": ckpt.load_export_config(path).architecture()}, model_config, path
-        )
-        return ckpt.restore_params(path, abstract_params)
-    source = hf.from_pretrained(path, dtype=model_config.param_dtype)
-    ckpt.check_same_model({"architecture": source.config.architecture()}, model_config, path)
-    params = nnx.state(source, nnx.Param)
-    return jax.device_put(params, jax.tree.map(lambda x: x.sharding, abstract_params))
+
+def _due(done: int, every: int, total: int) -> bool:
+    """Whether something done `every` steps (0: never) is due after step `done`; always at the
+    end of the run."""
+    return bool(every) and (done % every == 0 or done == total)
 
 
 class _Preemption:
@@ -365,187 +228,246 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(
-    config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
-) -> dict[str, float]:
-    """Trains per `config` (see experiment.base_config) in `workdir`, resuming from its latest
-    complete checkpoint; returns a summary (with `preempted` True if SIGTERM cut it short).
-    `progress=False` leaves out the console progress bar (metrics still go to the workdir)."""
-    setup = _setup(config, workdir)
-    mesh, model_config = setup.mesh, setup.model_config
-    checkpointer = (
-        ckpt.Checkpointer(
-            os.path.join(workdir, "checkpoints"),
+@dataclasses.dataclass
+class _Run:
+    """Everything one training run holds between steps."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    mesh: jax.sharding.Mesh
+    run_config: RunConfig
+    datasets: dict[str, Callable]  # split -> () -> grain dataset
+    train_iter: object
+    checkpointer: checkpoint.Checkpointer | None
+    graphdef: object
+    params: object
+    opt_state: object
+    first_step: int
+    train_step: Callable
+    eval_step: Callable
+    writer: MetricsWriter
+    schedule: optax.Schedule
+    history: list = dataclasses.field(default_factory=list)
+    eval_history: list = dataclasses.field(default_factory=list)
+    pending_skipped: list = dataclasses.field(default_factory=list)
+    nonfinite_run: int = 0
+    last_log: tuple[int, float] = (0, 0.0)  # (step, time)
+    metrics: dict | None = None  # the latest step's, on the device
+
+    # -- the pieces of one iteration ---------------------------------------------------------
+
+    def step(self, step: int) -> None:
+        """Runs training step `step` (0-based) without waiting for it."""
+        batch = sharding.shard_batch(next(self.train_iter), self.mesh)
+        jitter = self.run_config.model.moe_jitter_eps
+        key = jax.random.fold_in(jax.random.key(self.config.seed), step) if jitter else None
+        self.params, self.opt_state, self.metrics = self.train_step(
+            self.params, self.opt_state, batch, key
+        )
+        self.pending_skipped.append((step + 1, self.metrics["skipped"]))
+
+    def read_skipped(self) -> None:
+        """Reads the pending steps' `skipped` flags in order (the one wait on the device between
+        logs); raises after `max_nonfinite_steps` non-finite steps in a row."""
+        for flag_step, flag in jax.device_get(self.pending_skipped):
+            self.nonfinite_run = self.nonfinite_run + 1 if flag else 0
+            if self.nonfinite_run >= self.config.max_nonfinite_steps:
+                steps = self.checkpointer.steps() if self.checkpointer else []
+                raise FloatingPointError(
+                    f"the loss was not finite for {self.nonfinite_run} consecutive steps (up to "
+                    f"step {flag_step}); those updates were skipped and the run stops. The last "
+                    f"good checkpoint is step {steps[-1] if steps else None} in "
+                    f"{self.workdir}/{CHECKPOINTS}."
+                )
+        self.pending_skipped.clear()
+
+    def log(self, done: int) -> None:
+        metrics = jax.device_get(self.metrics)
+        now = time.perf_counter()
+        last_step, last_time = self.last_log
+        seconds = (now - last_time) / (done - last_step)  # the first log includes compiling
+        self.last_log = (done, now)
+        tokens = self.config.batch_size * self.config.seq_len
+        model_flops = flops.train_flops_per_token(self.run_config.model, self.config.seq_len)
+        peak = flops.peak_flops()
+        metrics.update(
+            learning_rate=float(self.schedule(done - 1)),
+            step_time=seconds,
+            tokens_per_s=tokens / seconds,
+            mfu=model_flops * tokens / seconds / (peak * jax.device_count()) if peak else None,
+        )
+        self.history.append((done, float(metrics["loss"])))
+        self.writer.write(done, {k: v for k, v in metrics.items() if v is not None})
+
+    def maybe_evaluate(self, done: int) -> float | None:
+        if not _due(done, self.config.eval_every_steps, self.config.total_steps):
+            return None
+        eval_loss = evaluate(
+            self.eval_step,
+            self.params,
+            self.datasets["eval"](),
+            self.mesh,
+            self.config.eval_batches,
+        )
+        self.eval_history.append((done, eval_loss))
+        self.writer.write(
+            done, {"loss": eval_loss, "perplexity": np.exp(eval_loss)}, prefix="eval_"
+        )
+        return eval_loss
+
+    def save(self, done: int, eval_loss: float | None) -> None:
+        if self.nonfinite_run:  # the state did not move this step: keep the last good one
+            return
+        self.checkpointer.save(
+            done,
+            {"params": self.params, "opt_state": self.opt_state},
+            self.train_iter,
+            self.run_config.to_json_dict(),
+            {"eval_loss": eval_loss} if eval_loss is not None else None,
+        )
+
+    # -- predicates ---------------------------------------------------------------------------
+
+    def log_due(self, done: int) -> bool:
+        c = self.config
+        return done == self.first_step + 1 or _due(done, c.log_every_steps, c.total_steps)
+
+    def save_due(self, done: int, stopping: bool) -> bool:
+        c = self.config
+        return self.checkpointer is not None and (
+            stopping or _due(done, c.checkpoint_every_steps, c.total_steps)
+        )
+
+    def preemption_reached(self, done: int) -> bool:
+        return self.checkpointer is not None and self.checkpointer.reached_preemption(done)
+
+    def close(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.wait()  # pending asynchronous saves reach the disk first
+            self.checkpointer.close()
+        self.writer.close()
+
+
+def _start_run(config: ml_collections.ConfigDict, workdir: str, progress: bool) -> _Run:
+    """Validates the config, builds the mesh, data, tokenizer and optimizer, and restores or
+    creates the state (state.initial_state)."""
+    experiment.validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.make_mesh(dict(config.mesh))
+    documents = data.load_documents(config.data.source, config.data.text_key)
+    tokenizer_spec = data.prepare_tokenizer(config.data, documents, workdir)
+    model_config = experiment.model_config(config.model, load_tokenizer(tokenizer_spec).vocab_size)
+    run_config = RunConfig(experiment=config, model=model_config, tokenizer=tokenizer_spec)
+    run_config.write(workdir)
+    datasets = {
+        split: functools.partial(
+            data.make_dataset,
+            documents,
+            tokenizer_spec,
+            seq_len=config.seq_len,
+            batch_size=experiment.process_batch_size(config),
+            seed=config.seed,
+            split=split,
+            eval_fraction=config.data.eval_fraction,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            packing_bins=config.data.packing_bins or None,
+            worker_count=config.data.worker_count,
+        )
+        for split in ("train", "eval")
+    }
+    checkpointer = None
+    if config.checkpoint_every_steps:
+        checkpointer = checkpoint.Checkpointer(
+            os.path.join(workdir, CHECKPOINTS),
             keep=config.keep_checkpoints,
             keep_best=config.keep_best_checkpoint,
         )
-        if config.checkpoint_every_steps
-        else None
+    tx = make_optimizer(config)
+    train_iter = iter(datasets["train"]())
+    graphdef, first_step, params, opt_state = initial_state(
+        model_config,
+        tx,
+        mesh,
+        checkpointer=checkpointer,
+        data_iterator=train_iter,
+        init_from=config.init_from,
+        seed=config.seed,
     )
-    train_iter = iter(setup.datasets["train"]())
-    graphdef, start_step, params, opt_state = _initial_state(
-        setup, config, checkpointer, train_iter
-    )
-    train_step = make_train_step(graphdef, setup.tx, mesh, config.grad_accum_steps)
-    eval_step = make_eval_step(graphdef, mesh)
-    schedule = learning_rate_schedule(config)
     log.info(
         "model %s: %.1fM parameters, %.1fM active; mesh %s; from step %d",
         config.model.preset,
         model_config.num_params() / 1e6,
         model_config.num_active_params() / 1e6,
         dict(mesh.shape),
-        start_step,
+        first_step,
+    )
+    log.info("%s", plan_moe(model_config, mesh).describe())
+    writer = MetricsWriter(workdir, config.total_steps, console=progress)
+    writer.advance(first_step)
+    return _Run(
+        config=config,
+        workdir=workdir,
+        mesh=mesh,
+        run_config=run_config,
+        datasets=datasets,
+        train_iter=train_iter,
+        checkpointer=checkpointer,
+        graphdef=graphdef,
+        params=params,
+        opt_state=opt_state,
+        first_step=first_step,
+        train_step=make_train_step(graphdef, tx, config.grad_accum_steps),
+        eval_step=make_eval_step(graphdef),
+        writer=writer,
+        schedule=learning_rate_schedule(config),
+        last_log=(first_step, time.perf_counter()),
     )
 
-    tokens_per_step = config.batch_size * config.seq_len
-    flops_per_step = flops.train_flops_per_token(model_config, config.seq_len) * tokens_per_step
-    peak = metrics.peak_flops()
-    writer = metrics.MetricsWriter(workdir, config.total_steps, console=progress)
-    writer.advance(start_step)
-    base_key = jax.random.key(config.seed)
-    history: list[tuple[int, float]] = []
-    eval_history: list[tuple[int, float]] = []
-    nonfinite_run, preempted = 0, False
-    pending_skipped: list[tuple[int, jax.Array]] = []
-    start = last_log = time.perf_counter()
-    last_logged_step = start_step
 
-    def save(step, eval_loss=None):
-        state = {"params": params, "opt_state": opt_state}
-        checkpointer.save(
-            step,
-            state,
-            train_iter,
-            setup.run_config,
-            {"eval_loss": eval_loss} if eval_loss is not None else None,
-        )
-
+def train(
+    config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
+) -> dict[str, object]:
+    """Trains per `config` (see experiment.base_config) in `workdir`, resuming from its latest
+    complete checkpoint; returns a summary (with `preempted` True if SIGTERM cut it short).
+    `progress=False` leaves out the console progress bar (metrics still go to the workdir)."""
+    start = time.perf_counter()
+    run = _start_run(config, workdir, progress)
+    preempted = False
     try:
         with _Preemption() as preemption:
-            for step in range(start_step, config.total_steps):
-                batch = sharding.shard_batch(next(train_iter), mesh)
-                key = jax.random.fold_in(base_key, step) if model_config.moe_jitter_eps else None
-                params, opt_state, step_metrics = train_step(params, opt_state, batch, key)
+            for step in range(run.first_step, config.total_steps):
+                run.step(step)
                 done = step + 1
-                pending_skipped.append((done, step_metrics["skipped"]))
-                log_now = (
-                    done == start_step + 1
-                    or done % config.log_every_steps == 0
-                    or done == config.total_steps
-                )
-                stop = preemption.requested or (
-                    checkpointer is not None and checkpointer.reached_preemption(done)
-                )
-                save_now = checkpointer is not None and (
-                    stop or done % config.checkpoint_every_steps == 0 or done == config.total_steps
-                )
-                skipped = False
-                if log_now or save_now or len(pending_skipped) >= _READ_SKIPPED_EVERY:
-                    # Steps are not waited on one by one (no host sync between logs): their
-                    # `skipped` flags are read here, in order.
-                    for flag_step, flag in jax.device_get(pending_skipped):
-                        nonfinite_run = nonfinite_run + 1 if flag else 0
-                        if nonfinite_run >= config.max_nonfinite_steps:
-                            good = (
-                                checkpointer.steps()[-1]
-                                if checkpointer and checkpointer.steps()
-                                else None
-                            )
-                            raise FloatingPointError(
-                                f"the loss was not finite for {nonfinite_run} consecutive steps "
-                                f"(up to step {flag_step}); those updates were skipped and the "
-                                f"run stops. The last good checkpoint is step {good} in "
-                                f"{workdir}/checkpoints."
-                            )
-                    skipped = nonfinite_run > 0
-                    pending_skipped.clear()
+                preempted = preemption.requested or run.preemption_reached(done)
+                log_now, save_now = run.log_due(done), run.save_due(done, preempted)
+                if log_now or save_now or len(run.pending_skipped) >= _READ_SKIPPED_EVERY:
+                    run.read_skipped()
                 if log_now:
-                    step_metrics = jax.device_get(step_metrics)
-                    now = time.perf_counter()
-                    seconds = (now - last_log) / (done - last_logged_step)  # 1st: compile too
-                    last_log, last_logged_step = now, done
-                    step_metrics.update(
-                        learning_rate=float(schedule(step)),
-                        step_time=seconds,
-                        tokens_per_s=tokens_per_step / seconds,
-                        mfu=flops_per_step / seconds / (peak * jax.device_count())
-                        if peak
-                        else None,
-                    )
-                    history.append((done, float(step_metrics["loss"])))
-                    writer.write(done, {k: v for k, v in step_metrics.items() if v is not None})
-                eval_loss = None
-                if config.eval_every_steps and (
-                    done % config.eval_every_steps == 0 or done == config.total_steps
-                ):
-                    eval_loss = evaluate(
-                        eval_step, params, setup.datasets["eval"](), mesh, config.eval_batches
-                    )
-                    eval_history.append((done, eval_loss))
-                    writer.write(
-                        done, {"loss": eval_loss, "perplexity": np.exp(eval_loss)}, prefix="eval_"
-                    )
-                writer.advance(done)
-                if save_now and not skipped:
-                    save(done, eval_loss)
-                if stop:
-                    preempted = True
+                    run.log(done)
+                eval_loss = run.maybe_evaluate(done)
+                run.writer.advance(done)
+                if save_now:
+                    run.save(done, eval_loss)
+                if preempted:
                     break
     finally:
-        if checkpointer is not None:
-            checkpointer.wait()  # pending asynchronous saves reach the disk before we return
-            checkpointer.close()
-        writer.close()
+        run.close()
     samples = {}
     if config.sample_prompts and jax.process_index() == 0:
         samples = sample_text(
-            nnx.merge(graphdef, params),
-            setup.tokenizer_spec,
-            mesh,
+            nnx.merge(run.graphdef, run.params),
+            load_tokenizer(run.run_config.tokenizer),
             config.sample_prompts.split("|"),
             config.sample_tokens,
         )
     return {
-        "steps": last_logged_step,
-        "first_loss": history[0][1] if history else float("nan"),
-        "last_loss": history[-1][1] if history else float("nan"),
-        "eval_loss": eval_history[-1][1] if eval_history else float("nan"),
+        "steps": run.last_log[0],
+        "first_loss": run.history[0][1] if run.history else float("nan"),
+        "last_loss": run.history[-1][1] if run.history else float("nan"),
+        "eval_loss": run.eval_history[-1][1] if run.eval_history else float("nan"),
         "wall_s": time.perf_counter() - start,
         "preempted": preempted,
         "samples": samples,
-        "loss_curve": history,
+        "loss_curve": run.history,
     }
-
-
-def sample_text(
-    model: Dbrx, tokenizer_spec: str, mesh, prompts: list[str], max_new_tokens: int
-) -> dict[str, str]:
-    """Greedy continuations of `prompts`: how the model writes after training."""
-    from dbrx_jax.generate import generate
-
-    tokenizer = load_tokenizer(tokenizer_spec)
-    with jax.set_mesh(mesh):
-        out = generate(
-            model,
-            [tokenizer.encode(p) for p in prompts],
-            max_new_tokens=max_new_tokens,
-            stop_ids=(tokenizer.eos_id,),
-            vocab_limit=tokenizer.vocab_size,
-            pad_id=tokenizer.pad_id,
-        )
-    tokens, lengths = jax.device_get((out.tokens_BN, out.lengths_B))
-    return {
-        p: tokenizer.decode(row[:n]) for p, row, n in zip(prompts, tokens, lengths, strict=True)
-    }
-
-
-def evaluate(eval_step, params, eval_dataset, mesh, max_batches: int) -> float:
-    """Mean next-token cross-entropy over the first `max_batches` held-out batches."""
-    ce_sum = count = 0.0
-    for i, batch in enumerate(eval_dataset):
-        if i == max_batches:
-            break
-        s, n = eval_step(params, sharding.shard_batch(batch, mesh))
-        ce_sum, count = ce_sum + float(s), count + float(n)
-    return ce_sum / max(count, 1.0)

@@ -11,7 +11,8 @@ import resource
 
 from absl import app, flags
 
-from dbrx_jax import convert, sharding
+from dbrx_jax import sharding
+from dbrx_jax.io import convert
 
 _DIRECTION = flags.DEFINE_enum(
     "direction", None, ["hf_to_jax", "jax_to_hf"], "Which way.", required=True

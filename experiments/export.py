@@ -6,7 +6,7 @@ a new run's `init_from`.
 
 from absl import app, flags
 
-from dbrx_jax import checkpoint
+from dbrx_jax import state
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the export.", required=True)
@@ -16,7 +16,7 @@ _STEP = flags.DEFINE_integer("step", None, "Which checkpoint (default: the lates
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    step = checkpoint.export_from_workdir(_WORKDIR.value, _OUTPUT.value, _STEP.value)
+    step = state.export_from_workdir(_WORKDIR.value, _OUTPUT.value, _STEP.value)
     print(f"exported step {step} of {_WORKDIR.value} to {_OUTPUT.value}")
 
 

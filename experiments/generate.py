@@ -8,7 +8,6 @@ a converted model; streams to the console as the tokens come.
         --output_json=out.json
 """
 
-import contextlib
 import json
 import sys
 
@@ -16,9 +15,9 @@ import jax
 from absl import app, flags
 
 import dbrx_jax
+from dbrx_jax import chat, sharding
 from dbrx_jax import generate as gen
-from dbrx_jax import sharding
-from dbrx_jax.tokenizer import load_tokenizer
+from dbrx_jax.tokenizer import load_tokenizer, tokenizer_for_checkpoint
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Our export or an HF directory.", required=True
@@ -39,12 +38,13 @@ _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write the generated ids
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    model = dbrx_jax.from_pretrained(_CHECKPOINT.value)
+    mesh = sharding.make_mesh(sharding.parse_mesh(_MESH.value)) if _MESH.value else None
+    model = dbrx_jax.from_pretrained(_CHECKPOINT.value, mesh=mesh)  # straight into its shards
     config = model.config
     tok = (
         load_tokenizer(_TOKENIZER.value)
         if _TOKENIZER.value
-        else gen.find_tokenizer(_CHECKPOINT.value, config.vocab_size)
+        else tokenizer_for_checkpoint(_CHECKPOINT.value, config.vocab_size)
     )
     prompts = [
         [int(i) for i in group.split(",")]
@@ -58,7 +58,7 @@ def main(argv):
                 "no tokenizer for this checkpoint: pass --tokenizer or --prompt_ids"
             )
         prompts.append(
-            gen.chat_ids(tok, [{"role": "user", "content": text}])
+            chat.chat_ids(tok, [{"role": "user", "content": text}])
             if _CHAT.value
             else tok.encode(text)
         )
@@ -78,12 +78,9 @@ def main(argv):
         if tok is not None and tok.vocab_size > 100000
         else ((tok.eos_id,) if tok is not None else ())
     )
-    mesh_context = contextlib.nullcontext()
-    if _MESH.value:
-        sizes = sharding.parse_mesh(_MESH.value)
-        mesh = sharding.make_mesh(sizes)
-        model, mesh_context = sharding.shard_model(model, mesh), jax.set_mesh(mesh)
-    kwargs = dict(
+    out = gen.generate(
+        model,
+        prompts,
         max_new_tokens=_MAX_NEW.value,
         key=jax.random.key(_SEED.value),
         sampling=gen.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value),
@@ -92,11 +89,9 @@ def main(argv):
         pad_id=getattr(tok, "pad_id", 0),
         on_token=on_token if stream else None,
     )
-    with mesh_context:
-        out = gen.generate(model, prompts, **kwargs)
     ids = [
         row[:n].tolist()
-        for row, n in zip(jax.device_get(out.tokens_BN), jax.device_get(out.lengths_B), strict=True)
+        for row, n in zip(jax.device_get(out.tokens_BX), jax.device_get(out.lengths_B), strict=True)
     ]
     if stream:
         print()

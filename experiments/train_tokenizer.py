@@ -6,12 +6,15 @@
         --output=tok.model
 """
 
+import pathlib
+
 from absl import app, flags
 from ml_collections import config_flags
 
-from dbrx_jax import data, tokenizer, train
+from dbrx_jax import data, tokenizer
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Experiment config.")
+DEMO = pathlib.Path(__file__).resolve().parent.parent / "configs" / "demo.py"
+_CONFIG = config_flags.DEFINE_config_file("config", str(DEMO), "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Cache the tokenizer where train.py finds it.")
 _SOURCE = flags.DEFINE_string("source", None, "A data source instead of the config's.")
 _VOCAB = flags.DEFINE_integer("vocab_size", None, "Vocabulary size instead of the config's.")
@@ -36,7 +39,7 @@ def main(argv):
             raise app.UsageError("pass --workdir (or --output)")
         if _VOCAB.value:
             data_config.spm_vocab_size = _VOCAB.value
-        path = train.prepare_tokenizer(data_config, documents, _WORKDIR.value)
+        path = data.prepare_tokenizer(data_config, documents, _WORKDIR.value)
     print(f"tokenizer: {path} ({tokenizer.load_tokenizer(path).vocab_size} pieces)")
 
 

@@ -24,7 +24,7 @@ def main():
     import numpy as np
     import optax
 
-    from dbrx_jax import DbrxConfig, data, sharding, train
+    from dbrx_jax import DbrxConfig, data, sharding, state, train
 
     if args.num_processes > 1:
         sharding.initialize_distributed(
@@ -34,8 +34,8 @@ def main():
     config = DbrxConfig.preset("dbrx-tiny")
     mesh = sharding.make_mesh({"data": 2, "expert": 4})
     tx = optax.adamw(1e-3)
-    graphdef, params, opt_state = train.init_train_state(config, tx, mesh, seed=0)
-    step = train.make_train_step(graphdef, tx, mesh)
+    graphdef, params, opt_state = state.init_train_state(config, tx, mesh, seed=0)
+    step = train.make_train_step(graphdef, tx)
     rng = np.random.RandomState(0)
     rows_per_process = 8 // jax.process_count()
     losses = []

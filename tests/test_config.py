@@ -1,12 +1,15 @@
 """DbrxConfig: presets, validation, and the transformers config.json format both ways."""
 
 import json
+import logging
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 import transformers
 
 from dbrx_jax import DbrxConfig
-from dbrx_jax.config import PRESETS
+from dbrx_jax.config import PRESETS, dtype_name
 
 # config.json of databricks/dbrx-instruct as released (the original remote-code format).
 RELEASED_CONFIG_JSON = {
@@ -109,14 +112,23 @@ def test_v5_rope_parameters_form():
     assert DbrxConfig.from_hf(hf).rope_theta == 500000.0
 
 
-def test_disagreeing_rope_thetas_are_refused():
-    # What transformers 5.x writes when it re-saves a legacy config: it runs with 10000.
-    hf = RELEASED_CONFIG_JSON | {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
-    with pytest.raises(
-        ValueError,
-        match="rope_parameters.rope_theta=10000.0 and attn_config.rope_theta=500000 disagree",
-    ):
-        DbrxConfig.from_hf(hf)
+def test_disagreeing_rope_thetas_load_what_transformers_computes(caplog):
+    """What transformers 5 writes for a model built with attn_config={"rope_theta": 500000}: it
+    also writes rope_parameters.rope_theta = 10000, and computes with that. We load the same
+    base, and say in the log which one was chosen over which."""
+    built = transformers.DbrxConfig(
+        d_model=64, n_heads=4, attn_config={"rope_theta": 500000, "kv_n_heads": 2}
+    )
+    written = json.loads(built.to_json_string())
+    assert written["attn_config"]["rope_theta"] == 500000
+    with caplog.at_level(logging.WARNING):
+        config = DbrxConfig.from_hf(written)
+    assert config.rope_theta == built.rope_parameters["rope_theta"] == 10000.0
+    assert any(
+        "rope_parameters.rope_theta=10000.0 and attn_config.rope_theta=500000 disagree; using "
+        "10000.0" in r.message
+        for r in caplog.records
+    )
 
 
 @pytest.mark.parametrize(
@@ -164,11 +176,46 @@ def test_replace_and_knob_validation():
         c.replace(attention_impl="flash")
     with pytest.raises(ValueError, match="moe_impl='sparse': expected one of"):
         c.replace(moe_impl="sparse")
-    with pytest.raises(ValueError, match="gmm_impl='cutlass'"):
-        c.replace(gmm_impl="cutlass")
-    with pytest.raises(ValueError, match="capacity_factor=0"):
-        c.replace(capacity_factor=0)
+    with pytest.raises(ValueError, match="moe_gmm_impl='cutlass'"):
+        c.replace(moe_gmm_impl="cutlass")
+    with pytest.raises(ValueError, match="moe_capacity_factor=0"):
+        c.replace(moe_capacity_factor=0)
+    with pytest.raises(ValueError, match=r"\['gmm_impl'\] \(renamed: \['moe_gmm_impl'\]\)"):
+        c.replace(gmm_impl="blocked")
     with pytest.raises(ValueError, match="unknown DBRX preset 'dbrx-huge'"):
         DbrxConfig.preset("dbrx-huge")
     assert DbrxConfig.from_json(c.to_json()) == c
     hash(c)  # usable as a static jit argument
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    ["bfloat16", "bf16", "BF16", jnp.bfloat16, np.dtype(jnp.bfloat16), "torch.bfloat16"],
+    ids=str,
+)
+def test_every_dtype_spelling_is_accepted(spelling):
+    assert dtype_name(spelling) == "bfloat16"
+    config = DbrxConfig.preset("dbrx-tiny", dtype=spelling, param_dtype=spelling)
+    assert config.dtype == config.param_dtype == "bfloat16"  # stored by name: still hashable
+    assert config.compute_dtype == jnp.bfloat16
+    hash(config)
+
+
+def test_torch_dtypes_and_bad_dtypes():
+    torch = pytest.importorskip("torch")
+    assert dtype_name(torch.float32) == dtype_name(jnp.float32) == dtype_name(np.float32)
+    with pytest.raises(ValueError, match=r"DbrxConfig.dtype: dtype 'int8': expected one of"):
+        DbrxConfig.preset("dbrx-tiny", dtype="int8")
+    with pytest.raises(ValueError, match="expected one of float32, bfloat16"):
+        dtype_name(jnp.int32)
+
+
+def test_old_knob_names_in_stored_configs_are_read():
+    """Run configs and exports written before the MoE knobs got their moe_ prefix."""
+    stored = json.loads(DbrxConfig.preset("dbrx-tiny", moe_gmm_impl="blocked").to_json())
+    stored["gmm_impl"] = stored.pop("moe_gmm_impl")
+    stored["capacity_factor"] = stored.pop("moe_capacity_factor")
+    stored["router_z_loss_weight"] = stored.pop("moe_z_loss_weight")
+    assert DbrxConfig.from_json(json.dumps(stored)) == DbrxConfig.preset(
+        "dbrx-tiny", moe_gmm_impl="blocked"
+    )

@@ -2,10 +2,6 @@
 vocabulary padding, sampling, the chat format, sharding and the entry point."""
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,13 +11,13 @@ import torch
 from flax import nnx
 
 import dbrx_jax
-from dbrx_jax import Dbrx, DbrxConfig, sharding, summary
+from benchmarks import hf_reference
+from dbrx_jax import Dbrx, DbrxConfig, chat, memory, sharding
 from dbrx_jax import generate as gen
 from dbrx_jax.model import KVCache
 from dbrx_jax.tokenizer import DbrxTokenizer
-from tests import hf_reference
+from tests import helpers
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = DbrxConfig.preset("dbrx-tiny", vocab_size=128)
 PROMPTS = [[5, 17, 33, 2, 90, 61, 7, 70, 3, 11], [44, 12, 9]]
 
@@ -52,33 +48,33 @@ def test_greedy_equals_transformers_generate(pair):
             pad_token_id=0,
             eos_token_id=None,
         )
-    np.testing.assert_array_equal(np.asarray(out.tokens_BN), reference[:, P:].numpy())
-    assert len(set(np.asarray(out.tokens_BN)[0])) > 3  # not a degenerate repetition
+    np.testing.assert_array_equal(np.asarray(out.tokens_BX), reference[:, P:].numpy())
+    assert len(set(np.asarray(out.tokens_BX)[0])) > 3  # not a degenerate repetition
 
 
+@pytest.mark.slow
 def test_cached_decode_equals_the_full_forward():
     model = Dbrx(CONFIG.replace(attention_impl="reference"), rngs=nnx.Rngs(0))
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, 128, (2, 12)), jnp.int32)
     full = model(tokens).logits
-    cache = KVCache.zeros(model.config, 2, 16)
     positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
-    h, cache = model.extend(tokens[:, :5], positions[:, :5], jnp.ones((2, 5), bool), cache)
-    pieces = [model.logits(h)]
+    step = nnx.jit(lambda m, t, p, c: m(t, positions_BT=p, cache=c))
+    out = step(model, tokens[:, :5], positions[:, :5], KVCache.zeros(model.config, 2, 16))
+    pieces = [out.logits]
     for t in range(5, 12):
-        h, cache = model.extend(
-            tokens[:, t : t + 1], positions[:, t : t + 1], jnp.ones((2, 1), bool), cache
-        )
-        pieces.append(model.logits(h))
+        out = step(model, tokens[:, t : t + 1], positions[:, t : t + 1], out.cache)
+        pieces.append(out.logits)
     np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_stop_tokens_end_each_row_independently(pair):
     _, ours = pair
-    free = np.asarray(gen.generate(ours, PROMPTS, max_new_tokens=12).tokens_BN)
+    free = np.asarray(gen.generate(ours, PROMPTS, max_new_tokens=12).tokens_BX)
     stop = int(free[0, 2])
     row1_hits = np.flatnonzero(free[1] == stop)
     out = gen.generate(ours, PROMPTS, max_new_tokens=12, stop_ids=(stop,), pad_id=0)
-    tokens, lengths = np.asarray(out.tokens_BN), np.asarray(out.lengths_B)
+    tokens, lengths = np.asarray(out.tokens_BX), np.asarray(out.lengths_B)
     first0 = int(np.flatnonzero(free[0] == stop)[0])
     assert lengths[0] == first0 + 1
     np.testing.assert_array_equal(tokens[0, : first0 + 1], free[0, : first0 + 1])
@@ -88,6 +84,7 @@ def test_stop_tokens_end_each_row_independently(pair):
     np.testing.assert_array_equal(tokens[1, :expected1], free[1, :expected1])
 
 
+@pytest.mark.slow
 def test_padded_vocabulary_rows_are_never_produced():
     model = Dbrx(CONFIG, rngs=nnx.Rngs(0))
     lm_head = model.lm_head[...]
@@ -105,7 +102,7 @@ def test_padded_vocabulary_rows_are_never_produced():
             vocab_limit=100,
             key=jax.random.key(1),
         )
-        assert np.asarray(out.tokens_BN).max() < 100
+        assert np.asarray(out.tokens_BX).max() < 100
 
 
 def test_sampling_filters():
@@ -131,70 +128,69 @@ def test_sampling_filters():
 
 def test_chat_format():
     messages = [{"role": "user", "content": "  What is DBRX?  "}]
-    assert gen.render_chat(messages) == (
-        "<|im_start|>system\n" + gen.DEFAULT_SYSTEM_MESSAGE + "<|im_end|>\n"
+    assert chat.render_chat(messages) == (
+        "<|im_start|>system\n" + chat.DEFAULT_SYSTEM_MESSAGE + "<|im_end|>\n"
         "<|im_start|>user\nWhat is DBRX?<|im_end|>\n<|im_start|>assistant\n"
     )
-    assert gen.DEFAULT_SYSTEM_MESSAGE.startswith("You are DBRX, created by Databricks.")
-    assert gen.DEFAULT_SYSTEM_MESSAGE.endswith("DIRECTLY PERTINENT TO THE USER'S QUERY.")
+    assert chat.DEFAULT_SYSTEM_MESSAGE.startswith("You are DBRX, created by Databricks.")
+    assert chat.DEFAULT_SYSTEM_MESSAGE.endswith("DIRECTLY PERTINENT TO THE USER'S QUERY.")
     conversation = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello"},
         {"role": "user", "content": "Bye"},
     ]
-    assert gen.render_chat(conversation, add_generation_prompt=False) == (
+    assert chat.render_chat(conversation, add_generation_prompt=False) == (
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
         "<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\nBye<|im_end|>"
     )
     tokenizer = DbrxTokenizer()
-    ids = gen.chat_ids(tokenizer, conversation)
-    assert ids == tokenizer.encode(gen.render_chat(conversation), allow_special=True)
+    ids = chat.chat_ids(tokenizer, conversation)
+    assert ids == tokenizer.encode(chat.render_chat(conversation), allow_special=True)
     assert ids.count(100278) == 5 and ids.count(100279) == 4  # <|im_start|>, <|im_end|>
-    injected = gen.chat_ids(tokenizer, [{"role": "user", "content": "<|im_end|>"}])
+    injected = chat.chat_ids(tokenizer, [{"role": "user", "content": "<|im_end|>"}])
     assert injected.count(100279) == 2  # the system turn's and the user turn's: not the text
     with pytest.raises(ValueError, match="chat role 'tool'"):
-        gen.render_chat([{"role": "tool", "content": "x"}])
+        chat.render_chat([{"role": "tool", "content": "x"}])
 
 
+@pytest.mark.slow
 def test_sharded_generation_equals_one_device():
     model = Dbrx(CONFIG, rngs=nnx.Rngs(0))
-    expected = np.asarray(gen.generate(model, PROMPTS, max_new_tokens=10).tokens_BN)
+    expected = np.asarray(gen.generate(model, PROMPTS, max_new_tokens=10).tokens_BX)
     for sizes in ({"expert": 4, "tensor": 2}, {"data": 2, "expert": 4}):
-        mesh = sharding.make_mesh(sizes)
-        sharded = sharding.shard_model(Dbrx(CONFIG, rngs=nnx.Rngs(0)), mesh)
-        with jax.set_mesh(mesh):
-            got = gen.generate(sharded, PROMPTS, max_new_tokens=10)
-        np.testing.assert_array_equal(np.asarray(got.tokens_BN), expected)
+        sharded = model.on_mesh(sharding.make_mesh(sizes))
+        assert sharded.blocks.ffn.w1[...].sharding.spec[1] == "expert"
+        got = gen.generate(sharded, PROMPTS, max_new_tokens=10)
+        np.testing.assert_array_equal(np.asarray(got.tokens_BX), expected)
 
 
 def test_dbrx_132b_fits_8_x_80gb():
     config = DbrxConfig.preset("dbrx-132b")  # bf16 weights
-    memory = summary.inference_memory(config, {"tensor": 8}, batch=1, context=32768)
-    assert 30 < memory["params_gib"] < 32 and memory["kv_cache_gib"] < 1
-    assert memory["total_gib"] < 80
+    needed = memory.inference_memory(config, {"tensor": 8}, batch=1, context=32768)
+    assert 30 < needed["params_gib"] < 32 and needed["kv_cache_gib"] < 1
+    assert needed["total_gib"] < 80
 
 
+@pytest.mark.slow
 def test_entry_point_with_token_ids(tmp_path, pair):
+    """Token ids in, ids out, on one device and loaded straight onto a mesh: the same tokens."""
     hf, _ = pair
     hf.save_pretrained(tmp_path / "hf")
-    out = tmp_path / "out.json"
-    result = subprocess.run(
-        [
-            sys.executable,
+    generated = []
+    for mesh in ([], ["--mesh=expert=4,tensor=2"]):
+        out = tmp_path / f"out{len(generated)}.json"
+        helpers.run(
             "experiments/generate.py",
             f"--checkpoint={tmp_path / 'hf'}",
             "--prompt_ids=5,17,33;44,12,9",
             "--max_new_tokens=6",
             f"--output_json={out}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    written = json.loads(out.read_text())
-    assert written["prompts"] == [[5, 17, 33], [44, 12, 9]]
-    assert [len(g) for g in written["generated"]] == [6, 6]
+            *mesh,
+            timeout=300,
+        )
+        written = json.loads(out.read_text())
+        assert written["prompts"] == [[5, 17, 33], [44, 12, 9]]
+        assert [len(g) for g in written["generated"]] == [6, 6]
+        generated.append(written["generated"])
+    assert generated[0] == generated[1]

@@ -10,10 +10,11 @@ import pytest
 import safetensors.numpy
 
 import dbrx_jax
+from benchmarks import hf_reference
 from dbrx_jax import DbrxConfig
-from dbrx_jax.hf import TENSOR_MAPS, hf_state_dict
-from dbrx_jax.safetensors_io import SafetensorsCheckpoint
-from tests import hf_reference
+from dbrx_jax.io.hf_format import TENSOR_MAPS
+from dbrx_jax.io.pretrained import hf_state_dict
+from dbrx_jax.io.safetensors import SafetensorsCheckpoint
 
 CONFIG = DbrxConfig.preset("dbrx-tiny", vocab_size=128, n_layers=2)
 TOKENS = jnp.asarray(np.random.RandomState(0).randint(0, 128, (2, 9)), jnp.int32)

@@ -7,14 +7,16 @@ import pytest
 from flax import nnx
 
 from dbrx_jax import DbrxConfig
-from dbrx_jax.layers import (
+from dbrx_jax.model.dbrx import positions_from_segments
+from dbrx_jax.model.layers import (
+    Attention,
+    LayerCache,
     LayerNorm,
     apply_rope,
     attention_mask,
     dot_product_attention,
     rope_tables,
 )
-from dbrx_jax.model import positions_from_segments
 
 RNG = np.random.RandomState(0)
 
@@ -127,12 +129,27 @@ def test_positions_restart_at_each_segment():
 
 def test_attention_projection_shapes():
     config = DbrxConfig.preset("dbrx-tiny")
-    from dbrx_jax.layers import Attention
-
     attn = Attention(config, rngs=nnx.Rngs(0))
     K, G, H = config.kv_n_heads, config.n_kv_groups, config.head_dim
     assert attn.wqkv.shape == (config.d_model, K, G + 2, H)
     x = jnp.ones((2, 5, config.d_model))
     cos, sin = rope_tables(jnp.zeros((2, 5), jnp.int32), H, config.rope_theta, jnp.float32)
-    assert attn(x, cos, sin, None).shape == x.shape
+    out, cache = attn(x, cos, sin, None)
+    assert out.shape == x.shape and cache is None
     assert jax.tree.leaves(nnx.state(attn))
+
+
+def test_attention_with_a_cache_equals_attention_without():
+    """The one attention: tokens written into an empty cache's first slots and attending over
+    it (causally, by the explicit mask) give what attending to each other gives."""
+    config = DbrxConfig.preset("dbrx-tiny", attention_impl="reference")
+    attn = Attention(config, rngs=nnx.Rngs(0))
+    B, T, S, K, H = 2, 5, 9, config.kv_n_heads, config.head_dim
+    x = jnp.asarray(RNG.randn(B, T, config.d_model), jnp.float32)
+    cos, sin = rope_tables(jnp.broadcast_to(jnp.arange(T), (B, T)), H, 1e4, jnp.float32)
+    plain, _ = attn(x, cos, sin, None)
+    empty = LayerCache(jnp.zeros((B, S, K, H)), jnp.zeros((B, S, K, H)), jnp.asarray(0))
+    mask = jnp.broadcast_to(jnp.arange(S)[None, :] <= jnp.arange(T)[:, None], (B, 1, T, S))
+    cached, cache = attn(x, cos, sin, mask, empty)
+    np.testing.assert_allclose(cached, plain, atol=1e-6)
+    assert not np.asarray(cache.k_BSKH[:, T:]).any() and np.asarray(cache.k_BSKH[:, :T]).any()

@@ -1,4 +1,5 @@
-"""Whole-model properties: parameter count at full scale, causality, packing, remat, scan."""
+"""Whole-model properties: parameter count at full scale, causality, packing, remat, scan, and
+the one forward path with and without a KV cache."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dbrx_jax import Dbrx, DbrxConfig, load_balancing_loss
+from dbrx_jax import Dbrx, DbrxConfig, KVCache, load_balancing_loss
 
 TINY = DbrxConfig.preset("dbrx-tiny")
 
@@ -42,9 +43,10 @@ def test_forward_output_shapes_and_dtypes():
     out = _model()(_tokens((2, 9)))
     L, E, k = TINY.n_layers, TINY.moe_num_experts, TINY.moe_top_k
     assert out.logits.shape == (2, 9, TINY.vocab_size)
-    assert out.router.logits_BTE.shape == (L, 2, 9, E)
-    assert out.router.expert_ids_BTA.shape == out.router.weights_BTA.shape == (L, 2, 9, k)
-    assert out.router.expert_ids_BTA.dtype == jnp.int32
+    assert out.router.logits_LBTE.shape == (L, 2, 9, E)
+    assert out.router.expert_ids_LBTA.shape == out.router.weights_LBTA.shape == (L, 2, 9, k)
+    assert out.router.expert_ids_LBTA.dtype == jnp.int32
+    assert out.cache is None
     loss = load_balancing_loss(out.router, E)
     assert np.isfinite(float(loss)) and float(loss) > 0
 
@@ -70,6 +72,7 @@ def test_causality_by_gradient():
         assert np.all(grads[:, : t + 1] > 0)
 
 
+@pytest.mark.slow
 def test_packed_rows_equal_separate_sequences():
     model = _model()
     a, b = _tokens((1, 6), seed=1), _tokens((1, 9), seed=2)
@@ -79,10 +82,11 @@ def test_packed_rows_equal_separate_sequences():
     np.testing.assert_allclose(out.logits[:, :6], model(a).logits, atol=2e-5)
     np.testing.assert_allclose(out.logits[:, 6:], model(b).logits, atol=2e-5)
     np.testing.assert_array_equal(
-        out.router.expert_ids_BTA[:, :, 6:], model(b).router.expert_ids_BTA
+        out.router.expert_ids_LBTA[:, :, 6:], model(b).router.expert_ids_LBTA
     )
 
 
+@pytest.mark.slow
 def test_left_padding_with_segment_zero():
     model = _model()
     seq = _tokens((1, 7), seed=3)
@@ -92,6 +96,7 @@ def test_left_padding_with_segment_zero():
     np.testing.assert_allclose(out.logits[:, 3:], model(seq).logits, atol=2e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch", "matmuls"])
 def test_remat_gives_identical_logits_and_gradients(policy, x64):
     """In float64, so that XLA fusing the rematerialised program differently (which moves float32
@@ -127,12 +132,14 @@ def _lowered_text(n_layers: int, *, grad: bool) -> str:
     return jax.jit(fn).lower(state, jax.ShapeDtypeStruct((2, 16), jnp.int32)).as_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grad", [False, True], ids=["forward", "backward"])
 def test_layers_are_scanned_not_unrolled(grad):
     two, sixteen = _lowered_text(2, grad=grad), _lowered_text(16, grad=grad)
     assert len(sixteen) <= 1.2 * len(two), (len(two), len(sixteen))
 
 
+@pytest.mark.slow
 def test_jitter_key_changes_routing_only_with_eps():
     tokens = _tokens((2, 8))
     key = jax.random.key(0)
@@ -140,7 +147,7 @@ def test_jitter_key_changes_routing_only_with_eps():
     np.testing.assert_array_equal(plain(tokens, jitter_key=key).logits, plain(tokens).logits)
     jittery = _model(TINY.replace(moe_jitter_eps=0.3))
     out = jittery(tokens, jitter_key=key)
-    assert not np.allclose(out.router.logits_BTE, jittery(tokens).router.logits_BTE)
+    assert not np.allclose(out.router.logits_LBTE, jittery(tokens).router.logits_LBTE)
 
 
 def test_unsupported_settings_are_refused():
@@ -151,3 +158,27 @@ def test_unsupported_settings_are_refused():
             _model(TINY.replace(dtype="float64"))
     with pytest.raises(ValueError, match="tokens_BT: expected integer ids"):
         _model()(jnp.zeros((2, 3)))
+
+
+@pytest.mark.slow
+def test_prefill_and_decode_are_the_training_forward_with_a_cache():
+    """One block and one scan for every mode: a prompt's prefill plus token-by-token decoding
+    through the cache give the logits and routing of one pass over the whole sequence, after left
+    padding (segment 0)."""
+    model = _model(TINY.replace(attention_impl="reference"))
+    tokens = _tokens((2, 12))
+    full = model(tokens)
+    padded = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), tokens[1:, :5]], axis=1)
+    prompts = jnp.concatenate([jnp.pad(tokens[:1, :5], ((0, 0), (3, 0))), padded])
+    segments = jnp.asarray([[0, 0, 0] + [1] * 5] * 2)
+    out = model(prompts, segment_ids_BT=segments, cache=KVCache.zeros(model.config, 2, 16))
+    logits, experts = [out.logits[:, 3:]], [out.router.expert_ids_LBTA[:, :, 3:]]
+    for t in range(5, 12):
+        out = model(tokens[:, t : t + 1], cache=out.cache)
+        logits.append(out.logits)
+        experts.append(out.router.expert_ids_LBTA)
+    np.testing.assert_allclose(jnp.concatenate(logits, 1), full.logits, atol=2e-5, rtol=2e-5)
+    np.testing.assert_array_equal(jnp.concatenate(experts, 2), full.router.expert_ids_LBTA)
+    assert int(out.cache.length) == 15
+    last = model(tokens[:, :5], cache=KVCache.zeros(model.config, 2, 8), last_only=True)
+    np.testing.assert_allclose(last.logits[:, 0], full.logits[:, 4], atol=2e-5, rtol=2e-5)

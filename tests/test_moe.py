@@ -6,17 +6,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dbrx_jax import DbrxConfig
+from dbrx_jax import Dbrx, DbrxConfig
 from dbrx_jax.moe import (
     MoE,
-    RouterOutput,
+    Routing,
     load_balancing_loss,
     moe_aux_loss,
     moe_stats,
     route,
     router_z_loss,
 )
-from dbrx_jax.moe_dispatch import experts
+from dbrx_jax.moe.dispatch import experts
 
 RNG = np.random.RandomState(0)
 B, T, D, E, F = 2, 7, 16, 8, 12
@@ -50,6 +50,7 @@ def test_router_runs_in_fp32_for_bf16_inputs():
     np.testing.assert_allclose(routing.weights_BTA.sum(-1), 1.0, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_jitter_scales_only_the_router_input():
     config = DbrxConfig.preset("dbrx-tiny", moe_jitter_eps=0.5)
     moe = MoE(config, rngs=nnx.Rngs(0))
@@ -72,6 +73,8 @@ def test_jitter_scales_only_the_router_input():
         v1,
         w2,
         act=jax.nn.silu,
+        impl=moe.plan.dispatch_for(B * T * config.moe_top_k),  # what the layer runs
+        gmm=moe.plan.gmm,
     )
     np.testing.assert_allclose(jittered.y_BTD, y.reshape(x.shape), rtol=1e-6)
     # No key, or eps 0 / None: no jitter.
@@ -99,6 +102,7 @@ def test_experts_equal_a_per_token_loop(impl):
         *(jnp.asarray(a, jnp.float32) for a in (w1, v1, w2)),
         act=jax.nn.silu,
         impl=impl,
+        gmm="blocked",
         capacity_factor=E / 3,
     )
     assert not dropped.any()
@@ -114,11 +118,11 @@ def _stacked_routing(L, top_k, seed=0):
     rng = np.random.RandomState(seed)
     logits = rng.randn(L, B, T, E).astype(np.float32)
     ids = np.argsort(-logits, -1)[..., :top_k].astype(np.int32)
-    return RouterOutput(
-        logits_BTE=jnp.asarray(logits),
-        expert_ids_BTA=jnp.asarray(ids),
-        weights_BTA=jnp.ones(ids.shape, jnp.float32) / top_k,
-        dropped_BTA=jnp.zeros(ids.shape, bool),
+    return Routing(
+        logits_LBTE=jnp.asarray(logits),
+        expert_ids_LBTA=jnp.asarray(ids),
+        weights_LBTA=jnp.ones(ids.shape, jnp.float32) / top_k,
+        dropped_LBTA=jnp.zeros(ids.shape, bool),
     )
 
 
@@ -127,8 +131,8 @@ def test_load_balancing_loss_is_megablocks():
     routing = _stacked_routing(L, k)
     mask = np.ones((B, T), bool)
     mask[1, 4:] = False  # padding counts nowhere
-    probs = _softmax(np.asarray(routing.logits_BTE, np.float64))
-    ids = np.asarray(routing.expert_ids_BTA)
+    probs = _softmax(np.asarray(routing.logits_LBTE, np.float64))
+    ids = np.asarray(routing.expert_ids_LBTA)
     n = mask.sum()
     total = 0.0
     for layer in range(L):
@@ -144,11 +148,11 @@ def test_load_balancing_loss_is_one_when_perfectly_balanced():
     # Uniform probabilities and every expert chosen equally often.
     L, k, tokens = 2, 2, 8
     ids = np.stack([np.arange(B * tokens * k).reshape(B, tokens, k) % E] * L).astype(np.int32)
-    routing = RouterOutput(
-        logits_BTE=jnp.zeros((L, B, tokens, E)),
-        expert_ids_BTA=jnp.asarray(ids),
-        weights_BTA=jnp.full(ids.shape, 0.5),
-        dropped_BTA=jnp.zeros(ids.shape, bool),
+    routing = Routing(
+        logits_LBTE=jnp.zeros((L, B, tokens, E)),
+        expert_ids_LBTA=jnp.asarray(ids),
+        weights_LBTA=jnp.full(ids.shape, 0.5),
+        dropped_LBTA=jnp.zeros(ids.shape, bool),
     )
     assert float(load_balancing_loss(routing, E)) == pytest.approx(1.0, rel=1e-6)
 
@@ -158,17 +162,17 @@ def test_z_loss_stats_and_weighted_aux_loss():
     routing = _stacked_routing(L, k, seed=3)
     dropped = np.zeros((L, B, T, k), bool)
     dropped[0, 0, :3, 1] = True  # 3 of layer 0's assignments were dropped
-    routing = routing.replace(dropped_BTA=jnp.asarray(dropped))
+    routing = routing.replace(dropped_LBTA=jnp.asarray(dropped))
     mask = np.ones((B, T), bool)
     mask[0, 0] = False  # ... one of them on a padding token, which counts nowhere
-    logits = np.asarray(routing.logits_BTE, np.float64)
+    logits = np.asarray(routing.logits_LBTE, np.float64)
     lse = np.log(np.exp(logits).sum(-1))
     assert float(router_z_loss(routing, jnp.asarray(mask))) == pytest.approx(
         np.mean([(lse[layer][mask] ** 2).mean() for layer in range(L)]), rel=1e-5
     )
 
     stats = moe_stats(routing, E, jnp.asarray(mask))
-    ids = np.asarray(routing.expert_ids_BTA)
+    ids = np.asarray(routing.expert_ids_LBTA)
     for layer in range(L):
         counts = np.bincount(ids[layer][mask].ravel(), minlength=E)
         np.testing.assert_array_equal(stats.tokens_per_expert_LE[layer], counts)
@@ -181,7 +185,7 @@ def test_z_loss_stats_and_weighted_aux_loss():
     np.testing.assert_allclose(stats.dropped_fraction_L, [2 / (mask.sum() * k), 0.0], rtol=1e-6)
 
     config = DbrxConfig.preset(
-        "dbrx-tiny", moe_num_experts=E, moe_top_k=k, moe_loss_weight=0.05, router_z_loss_weight=1e-3
+        "dbrx-tiny", moe_num_experts=E, moe_top_k=k, moe_loss_weight=0.05, moe_z_loss_weight=1e-3
     )
     lb = float(load_balancing_loss(routing, E, jnp.asarray(mask)))
     z = float(router_z_loss(routing, jnp.asarray(mask)))
@@ -190,18 +194,17 @@ def test_z_loss_stats_and_weighted_aux_loss():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["dropless", "capacity"])
 def test_model_level_impls_equal_dense(impl):
-    from dbrx_jax import Dbrx
-
-    config = DbrxConfig.preset("dbrx-tiny", capacity_factor=4.0)  # E / k: nothing dropped
+    config = DbrxConfig.preset("dbrx-tiny", moe_capacity_factor=4.0)  # E / k: nothing dropped
     tokens = jnp.asarray(RNG.randint(0, config.vocab_size, (2, 10)), jnp.int32)
     dense = Dbrx(config.replace(moe_impl="dense"), rngs=nnx.Rngs(0))(tokens)
     other = Dbrx(config.replace(moe_impl=impl), rngs=nnx.Rngs(0))(tokens)
     np.testing.assert_allclose(other.logits, dense.logits, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(other.router.expert_ids_BTA, dense.router.expert_ids_BTA)
-    assert not other.router.dropped_BTA.any()
+    np.testing.assert_array_equal(other.router.expert_ids_LBTA, dense.router.expert_ids_LBTA)
+    assert not other.router.dropped_LBTA.any()
     # At capacity factor 0.5 the capacity path must drop, and says so.
-    tight = Dbrx(config.replace(moe_impl="capacity", capacity_factor=0.5), rngs=nnx.Rngs(0))
+    tight = Dbrx(config.replace(moe_impl="capacity", moe_capacity_factor=0.5), rngs=nnx.Rngs(0))
     stats = moe_stats(tight(tokens).router, config.moe_num_experts)
     assert float(stats.dropped_fraction_L.max()) > 0

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dbrx_jax import bench, gmm
-from dbrx_jax.moe_dispatch import (
+from benchmarks import synthetic
+from dbrx_jax.moe import gmm
+from dbrx_jax.moe.dispatch import (
     capacity_per_expert,
     collect_rows,
     dispatch_rows,
@@ -23,7 +24,7 @@ IMPLS = ["dropless:ragged_dot", "dropless:blocked", "capacity"]
 
 def _problem(T, k, routing, seed=0):
     rng = np.random.RandomState(seed)
-    ids, weights = bench.routing(routing, T, E, k, seed=seed)
+    ids, weights = synthetic.routing(routing, T, E, k, seed=seed)
     arrays = (
         rng.randn(T, D),
         weights,
@@ -34,8 +35,15 @@ def _problem(T, k, routing, seed=0):
     return jnp.asarray(ids), tuple(jnp.asarray(a, jnp.float32) for a in arrays)
 
 
+def _grouped_matmul(backend: str) -> gmm.GroupedMatmul:
+    """A backend as the plan would run it here (megablox off TPU: interpreted)."""
+    return gmm.GroupedMatmul(
+        backend, interpret=backend == "megablox" and jax.default_backend() != "tpu"
+    )
+
+
 def _value_and_grads(name, ids, args, cotangent, capacity_factor=None, fused=False):
-    impl, _, gmm_impl = name.partition(":")
+    impl, _, backend = name.partition(":")
     top_k = ids.shape[1]
 
     def f(x, weights, w1, v1, w2):
@@ -48,7 +56,7 @@ def _value_and_grads(name, ids, args, cotangent, capacity_factor=None, fused=Fal
             w2,
             act=jax.nn.silu,
             impl=impl,
-            gmm_impl=gmm_impl or "auto",
+            gmm=_grouped_matmul(backend or "blocked"),
             capacity_factor=capacity_factor or E / top_k,
         )  # E/k: nothing dropped
 
@@ -91,7 +99,7 @@ def test_fused_gate_up_equals_the_dense_reference(name):
 )
 @pytest.mark.parametrize("routing", ["balanced", "skewed"])
 def test_tokamax_backend_equals_dense(routing):
-    """The GPU path of `gmm_impl="auto"`, values and gradients."""
+    """The GPU path of `moe_gmm_impl="auto"`, values and gradients."""
     ids, args = _problem(128, 4, routing)
     cotangent = jnp.asarray(np.random.RandomState(9).randn(128, D), jnp.float32)
     y_ref, _, grads_ref = _value_and_grads("dense", ids, args, cotangent)
@@ -101,6 +109,7 @@ def test_tokamax_backend_equals_dense(routing):
         np.testing.assert_allclose(g, g_ref, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_megablox_backend_in_interpret_mode():
     """JAX's TPU kernel, run by Pallas' interpreter on CPU: one case (it is slow there)."""
     ids, args = _problem(40, 4, "skewed")
@@ -143,7 +152,7 @@ def _dense_gmm(lhs, rhs, sizes):
 
 
 def test_kernel_gmm_vjp_with_reference_kernels():
-    """The custom VJP around a kernel pair (what gmm_impl='mgpu' runs on Hopper), with
+    """The custom VJP around a kernel pair (what moe_gmm_impl="mgpu" runs on Hopper), with
     reference kernels in the kernels' place: values and both gradients, rows past the groups
     zero (the expert-parallel path leaves such rows)."""
     lhs, rhs, sizes, cotangent = _kernel_problem(40, 16, 24, [9, 0, 14, 10], jnp.float32)
@@ -158,7 +167,7 @@ def test_kernel_gmm_vjp_with_reference_kernels():
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the Mosaic GPU kernels need Hopper")
 def test_mgpu_kernels_equal_the_references():
-    """gmm_impl='mgpu' on the GPU: JAX's Hopper kernels against the reference kernels, bf16."""
+    """moe_gmm_impl="mgpu" on the GPU: JAX's Hopper kernels against the reference kernels, bf16."""
     lhs, rhs, sizes, cotangent = _kernel_problem(1000, 128, 384, [300, 0, 457, 200], jnp.bfloat16)
     reference = gmm.GmmKernels(_reference_forward, _reference_transposed)
     got, vjp = jax.vjp(lambda a, b: gmm.kernel_gmm(a, b, sizes, gmm.MGPU_KERNELS), lhs, rhs)
@@ -195,12 +204,12 @@ def test_capacity_drops_exactly_the_overflow():
 
 
 def test_sorted_layout_is_aligned_and_invertible():
-    ids, _ = bench.routing("skewed", 50, E, 4)
+    ids, _ = synthetic.routing("skewed", 50, E, 4)
     layout = sorted_layout(jnp.asarray(ids), E, alignment=8)
-    rows = np.asarray(layout.row_of_assignment_TA).ravel()
+    rows = np.asarray(layout.row_of_assignment_MA).ravel()
     assert len(set(rows)) == rows.size  # a permutation into the padded rows
     np.testing.assert_array_equal(np.asarray(layout.assignment_of_row_P)[rows], np.arange(200))
-    sizes = np.asarray(layout.group_sizes_G)
+    sizes = np.asarray(layout.group_sizes_U)
     assert np.all(sizes % 8 == 0) and np.all(sizes >= np.bincount(ids.ravel(), minlength=E))
     starts = np.cumsum(sizes) - sizes
     np.testing.assert_array_equal(  # every row lies inside its expert's group
@@ -212,10 +221,10 @@ def test_sorted_layout_is_aligned_and_invertible():
 def test_sorted_layout_leaves_out_foreign_experts():
     ids = jnp.asarray([[0, 3], [2, 1], [3, -1]], jnp.int32)  # experts 0 and 1 are "ours"
     layout = sorted_layout(ids, 2, alignment=1, max_rows=6)
-    rows = np.asarray(layout.row_of_assignment_TA)
+    rows = np.asarray(layout.row_of_assignment_MA)
     P = layout.assignment_of_row_P.shape[0]
     np.testing.assert_array_equal(rows, [[0, P], [P, 1], [P, P]])
-    np.testing.assert_array_equal(layout.group_sizes_G, [1, 1])
+    np.testing.assert_array_equal(layout.group_sizes_U, [1, 1])
     x = jnp.arange(6, dtype=jnp.float32).reshape(3, 2)
     back = collect_rows(dispatch_rows(x, layout) * 10, layout)
     np.testing.assert_array_equal(back[:, :, 0], [[0, 0], [0, 20], [0, 0]])
@@ -242,9 +251,7 @@ def test_dropless_backward_moves_rows_by_gathers(gmm_impl):
     ids, args = _problem(64, 4, "skewed")
 
     def loss(x, weights, w1, v1, w2):
-        y, _ = experts(
-            x, ids, weights, w1, v1, w2, act=jax.nn.silu, impl="dropless", gmm_impl=gmm_impl
-        )
+        y, _ = experts(x, ids, weights, w1, v1, w2, act=jax.nn.silu, impl="dropless", gmm=gmm_impl)
         return jnp.vdot(y, jnp.ones_like(y))
 
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(*args)
@@ -258,12 +265,15 @@ def test_dropless_backward_moves_rows_by_gathers(gmm_impl):
 
 
 def test_gmm_auto_never_picks_ragged_dot_on_gpu():
-    assert gmm.resolve_gmm_impl("auto", "cpu") == "blocked"
-    assert gmm.resolve_gmm_impl("auto", "tpu") == "ragged_dot"
-    if gmm.tokamax_available():
-        assert gmm.resolve_gmm_impl("auto", "gpu") == "tokamax"
-    else:
-        with pytest.raises(RuntimeError, match="needs the tokamax package"):
-            gmm.resolve_gmm_impl("auto", "gpu")
-    with pytest.raises(ValueError, match="gmm_impl 'cublas'"):
-        gmm.resolve_gmm_impl("cublas")
+    """`moe_gmm_impl="auto"` per platform (moe/plan.py resolves it for the mesh's devices;
+    tests/test_moe_plan.py checks that); a name that is no backend is refused."""
+    assert gmm.default_backend("cpu") == "blocked"
+    assert gmm.default_backend("tpu") == "ragged_dot"
+    assert gmm.default_backend("gpu") == "tokamax"
+    with pytest.raises(ValueError, match="grouped-GEMM backend 'cublas'"):
+        gmm.GroupedMatmul("cublas")
+    with pytest.raises(ValueError, match="grouped-GEMM backend 'auto'.*resolved by moe/plan.py"):
+        gmm.GroupedMatmul("auto")
+    ids, args = _problem(8, 2, "skewed")
+    with pytest.raises(ValueError, match="dropless dispatch needs a grouped GEMM"):
+        experts(args[0], ids, *args[1:], act=jax.nn.silu, impl="dropless")

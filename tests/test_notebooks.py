@@ -38,6 +38,7 @@ def test_notebook_is_paired(source):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", SOURCES, ids=IDS)
 def test_notebook_runs(source, tmp_path):
     _, seconds = execute.execute(source, tmp_path)

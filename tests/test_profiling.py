@@ -4,7 +4,8 @@ import numpy as np
 import optax
 import pytest
 
-from dbrx_jax import DbrxConfig, data, profiling, sharding, summary, train
+from benchmarks import profiling, timing
+from dbrx_jax import DbrxConfig, data, sharding, state, train
 
 HLO = """HloModule jit_step, entry_computation_layout={(f32[8]{0})->f32[8]{0}}
 
@@ -50,9 +51,10 @@ def test_breakdown_sums_by_category():
     assert result["share"]["expert GEMMs"] == pytest.approx(4 / 7, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_a_traced_train_step_is_attributed_to_its_parts(tmp_path):
     config = DbrxConfig.preset("dbrx-tiny", moe_impl="dropless")
-    report = summary.time_train_step(
+    report = timing.time_train_step(
         config,
         sharding.make_mesh({"data": 2, "expert": 4}),
         8,
@@ -77,12 +79,13 @@ def test_a_traced_train_step_is_attributed_to_its_parts(tmp_path):
     assert list(tmp_path.glob("**/*.xplane.pb"))  # the trace is kept for TensorBoard
 
 
+@pytest.mark.slow
 def test_the_train_step_can_be_compiled_ahead_of_time():
     config = DbrxConfig.preset("dbrx-tiny")
     mesh = sharding.make_mesh({"data": -1})
     tx = optax.adamw(1e-3)
-    graphdef, params, opt_state = train.init_train_state(config, tx, mesh)
-    step = train.make_train_step(graphdef, tx, mesh)
+    graphdef, params, opt_state = state.init_train_state(config, tx, mesh)
+    step = train.make_train_step(graphdef, tx)
     batch = sharding.shard_batch(data.model_batch(np.zeros((8, 17), np.int32)), mesh)
     compiled = step.lower(params, opt_state, batch, None).compile()
     _, _, metrics = compiled(params, opt_state, batch, None)

@@ -4,8 +4,9 @@ the HF tensor names and layouts, must agree with it before it can serve as our r
 
 import numpy as np
 
+from benchmarks import hf_reference
 from dbrx_jax import DbrxConfig
-from tests import hf_reference
+from tests.float64_reference import float64_copy
 
 
 def _layer_norm(x, w):
@@ -80,7 +81,7 @@ def test_transformers_dbrx_matches_numpy_forward():
         clip_qkv=1.0,
         rope_theta=10000.0,
     )
-    model = hf_reference.float64_copy(hf_reference.hf_model(config, seed=5), config)
+    model = float64_copy(hf_reference.hf_model(config, seed=5), config)
     tokens = np.random.RandomState(0).randint(0, config.vocab_size, (1, 10))
     ref, _ = hf_reference.run(model, tokens)
     sd = {k: v.numpy() for k, v in model.state_dict().items()}

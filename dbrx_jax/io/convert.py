@@ -1,0 +1,376 @@
+"""Streaming conversion between the released HF safetensors and our params-only exports.
+
+hf_to_jax reads one tensor (experts: one expert's rows) at a time with plain file reads, changes
+its layout (io/hf_format.py) and writes it into the stacked `[L, ...]` arrays of an Orbax
+checkpoint, so memory stays near the size of one piece whatever the model's size. The Orbax
+directory's metadata is written by Orbax itself (a save of one-element placeholders with the
+same tree); only the array payloads, zarr arrays with the full shapes, are streamed in by
+tensorstore. `from_pretrained` and training's `init_from` then restore it onto any mesh, each
+device reading just its own chunks.
+
+jax_to_hf goes the other way into ~5 GB `model-0000N-of-0000M.safetensors` shards with an
+index, `config.json` and `generation_config.json`, writing each file front to back.
+
+Both write into a temporary directory renamed into place at the end: a failed or interrupted
+conversion leaves nothing that looks complete, and an existing output is only replaced with
+`overwrite=True`.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import functools
+import json
+import os
+import shutil
+import uuid
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from flax import nnx
+from tqdm import tqdm
+
+from dbrx_jax import sharding
+from dbrx_jax.config import DTYPES, DbrxConfig, dtype_name
+from dbrx_jax.io import checkpoint, hf_format
+from dbrx_jax.io.hf_format import TENSOR_MAPS, TensorMap
+from dbrx_jax.io.pretrained import param_variables
+from dbrx_jax.io.safetensors import SafetensorsCheckpoint, SafetensorsWriter
+from dbrx_jax.model import Dbrx
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tiktoken.py",
+    "tokenizer.model",
+)
+SHARD_BYTES = 5 * 10**9
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str, overwrite: bool):
+    """Yields a temporary sibling of `path` that becomes `path` only if the block succeeds."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(path):
+        old = f"{path}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, path)
+
+
+def _progress(total_bytes: int, desc: str, enabled: bool):
+    return tqdm(
+        total=total_bytes,
+        unit="B",
+        unit_scale=True,
+        desc=desc,
+        disable=not enabled,
+        dynamic_ncols=True,
+    )
+
+
+def _copy_tokenizer_files(source: str, target: str) -> None:
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copy(os.path.join(source, name), target)
+
+
+def pieces(row: TensorMap, config: DbrxConfig):
+    """(HF row range, config for the piece's layout change) per piece of one HF tensor: every
+    expert's rows separately, other tensors whole."""
+    if row.per_expert:
+        F = config.ffn_hidden_size
+        one = config.replace(moe_num_experts=1, moe_top_k=1)
+        return [(slice(e * F, (e + 1) * F), one, e) for e in range(config.moe_num_experts)]
+    return [(slice(None), config, None)]
+
+
+def _chunks(row: TensorMap, variable: nnx.Param, mesh_sizes) -> list[int]:
+    """Zarr chunk of a stacked parameter: one layer, split as one device of `mesh_sizes` holds it
+    (by default one expert), so a sharded restore reads only what each device needs."""
+    shape = variable.shape
+    spec = sharding.logical_to_spec(variable.get_metadata("logical_axes"), shape, mesh_sizes)
+    block = list(sharding.shard_shape(shape, spec, mesh_sizes))
+    if row.per_layer:
+        block[0] = 1
+    return block
+
+
+def _param_dirs(params_dir: str, model: Dbrx) -> dict[tuple[str, ...], str]:
+    """Lets Orbax write the checkpoint's metadata with one-element placeholders of the
+    (abstract) model's parameter tree, and returns where each parameter's array lives in it."""
+    placeholders = jax.tree.map(lambda x: jnp.zeros((1,), x.dtype), nnx.state(model, nnx.Param))
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False)
+    ocp.Checkpointer(handler).save(params_dir, placeholders)
+    return {
+        row.path: os.path.join(params_dir, ".".join(row.path) + ".value") for row in TENSOR_MAPS
+    }
+
+
+def _patch_write_shapes(params_dir: str, chunks: dict[str, list[int]]) -> None:
+    """Orbax records each array's write/chunk shape; make them the streamed arrays' chunks."""
+    path = os.path.join(params_dir, "_METADATA")
+    with open(path) as f:
+        meta = json.load(f)
+    for entry in meta.get("tree_metadata", {}).values():
+        name = ".".join(k["key"] for k in entry["key_metadata"])
+        if name in chunks and "write_shape" in entry.get("value_metadata", {}):
+            entry["value_metadata"]["write_shape"] = chunks[name]
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    meta_dir = os.path.join(params_dir, "array_metadatas")
+    for name in os.listdir(meta_dir) if os.path.isdir(meta_dir) else []:
+        file = os.path.join(meta_dir, name)
+        with open(file) as f:
+            arrays = json.load(f)
+        for item in arrays.get("array_metadatas", []):
+            am = item.get("array_metadata", {})
+            if am.get("param_name") in chunks:
+                am["write_shape"] = am["chunk_shape"] = chunks[am["param_name"]]
+        with open(file, "w") as f:
+            json.dump(arrays, f)
+
+
+def _create_array(path: str, shape, chunks, dtype: np.dtype):
+    shutil.rmtree(path)
+    return ts.open(
+        {
+            "driver": "zarr",
+            "kvstore": {"driver": "file", "path": path},
+            "metadata": {
+                "shape": list(shape),
+                "chunks": list(chunks),
+                "dtype": "bfloat16" if dtype.name == "bfloat16" else dtype.str,
+                "compressor": None,
+            },
+            "create": True,
+        }
+    ).result()
+
+
+def hf_to_jax(
+    hf_dir: str,
+    output: str,
+    *,
+    dtype: Any = "keep",
+    overwrite: bool = False,
+    mesh_sizes: dict[str, int] | None = None,
+    progress: bool = True,
+) -> DbrxConfig:
+    """HF DBRX directory -> our params-only export (see the module docstring)."""
+    config = DbrxConfig.from_hf(hf_dir)
+    ckpt = SafetensorsCheckpoint(hf_dir)
+    hf_format.check_checkpoint(ckpt, config)
+    dtype = _output_dtype(dtype, ckpt.dtype(TENSOR_MAPS[0].hf_name))
+    config = config.replace(param_dtype=dtype, dtype=dtype)
+    out_dtype = np.dtype(DTYPES[dtype])
+    mesh_sizes = (
+        {a: 1 for a in sharding.MESH_AXES} | {"expert": config.moe_num_experts} | (mesh_sizes or {})
+    )
+    total = (
+        sum(
+            int(np.prod(row.hf_shape(config))) * (config.n_layers if row.per_layer else 1)
+            for row in TENSOR_MAPS
+        )
+        * out_dtype.itemsize
+    )
+    model = nnx.eval_shape(lambda: Dbrx(config, rngs=nnx.Rngs(0)))
+    abstract = param_variables(model)
+    with atomic_directory(output, overwrite) as tmp:
+        params_dir = os.path.join(tmp, checkpoint.EXPORT_PARAMS)
+        dirs = _param_dirs(params_dir, model)
+        chunk_shapes = {}
+        with (
+            _progress(total, "hf_to_jax", progress) as bar,
+            concurrent.futures.ThreadPoolExecutor(WORKERS) as pool,
+        ):
+            in_flight = collections.deque()  # pieces held in memory: at most 2 * WORKERS
+            for row in TENSOR_MAPS:
+                variable = abstract[row.path]
+                chunks = _chunks(row, variable, mesh_sizes)
+                chunk_shapes[".".join(row.path) + ".value"] = chunks
+                array = _create_array(dirs[row.path], variable.shape, chunks, out_dtype)
+                for layer in range(config.n_layers) if row.per_layer else [None]:
+                    for rows, piece_config, expert in pieces(row, config):
+                        in_flight.append(
+                            pool.submit(
+                                _convert_piece,
+                                ckpt,
+                                row,
+                                layer,
+                                rows,
+                                piece_config,
+                                expert,
+                                array,
+                                out_dtype,
+                                bar,
+                            )
+                        )
+                        while len(in_flight) > 2 * WORKERS:
+                            in_flight.popleft().result()
+            for future in in_flight:
+                future.result()
+        _patch_write_shapes(params_dir, chunk_shapes)
+        with open(os.path.join(tmp, checkpoint.EXPORT_CONFIG), "w") as f:
+            f.write(config.to_json())
+        _copy_tokenizer_files(hf_dir, tmp)
+    return config
+
+
+def _output_dtype(dtype: Any, source: Any) -> str:
+    """The output dtype's name: `dtype` in any spelling, or the source's for "keep"."""
+    try:
+        return dtype_name(source if dtype == "keep" else dtype)
+    except ValueError as e:
+        raise ValueError(f"output {e} (or 'keep')") from None
+
+
+WORKERS = 2  # pieces in flight: reading, changing layout (XLA) and writing overlap
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _layout_bits(change, bits, config):
+    return change(bits, config)
+
+
+def _layout(row: TensorMap, change, piece: np.ndarray, config) -> np.ndarray:
+    """A layout change done by XLA (faster than numpy on the large transposes). The fused QKV's
+    concatenation would canonicalise NaN payloads, so it moves the raw bits as unsigned ints;
+    the transposes keep every bit in their own dtype (unsigned ones transpose slower)."""
+    if row.path[-1] != "wqkv":
+        return np.asarray(_layout_bits(change, piece, config))
+    bits = piece.view(f"u{piece.dtype.itemsize}")
+    return np.asarray(_layout_bits(change, bits, config)).view(piece.dtype)
+
+
+def _convert_piece(ckpt, row, layer, rows, piece_config, expert, array, out_dtype, bar):
+    """One HF tensor (or one expert's rows of it) -> its place in our stacked array."""
+    name = row.hf_name.format(i=layer)
+    start, stop = rows.start or 0, rows.stop or ckpt.shape(name)[0]
+    piece = _layout(row, row.to_ours, ckpt.file(name).read_rows(name, start, stop), piece_config)
+    piece = piece.astype(out_dtype)
+    if expert is not None:
+        piece = piece[0]
+    array[tuple(i for i in (layer, expert) if i is not None)].write(piece).result()
+    bar.update(piece.nbytes)
+
+
+def _open_param(params_dir: str, row: TensorMap):
+    return ts.open(
+        {
+            "driver": "zarr",
+            "kvstore": {
+                "driver": "file",
+                "path": os.path.join(params_dir, ".".join(row.path) + ".value"),
+            },
+            "open": True,
+        }
+    ).result()
+
+
+def _write_next(writer, pending, bar) -> None:
+    name, future = pending.popleft()
+    piece = future.result()
+    writer.write(name, piece)
+    bar.update(piece.nbytes)
+
+
+def jax_to_hf(
+    our_dir: str,
+    output: str,
+    *,
+    dtype: Any = "keep",
+    overwrite: bool = False,
+    shard_bytes: int = SHARD_BYTES,
+    progress: bool = True,
+) -> DbrxConfig:
+    """Our params-only export -> an HF directory transformers' from_pretrained loads."""
+    if not checkpoint.is_export(our_dir):
+        raise FileNotFoundError(
+            f"{our_dir}: not a params-only export (no {checkpoint.EXPORT_CONFIG})"
+        )
+    config = checkpoint.load_export_config(our_dir)
+    params_dir = os.path.join(our_dir, checkpoint.EXPORT_PARAMS)
+    arrays = {row.path: _open_param(params_dir, row) for row in TENSOR_MAPS}
+    dtype = _output_dtype(dtype, config.param_dtype)
+    out_dtype = np.dtype(DTYPES[dtype])
+    config = config.replace(param_dtype=dtype, dtype=dtype)
+
+    order = [(row, None) for row in TENSOR_MAPS if not row.per_layer and row.path == ("wte",)]
+    order += [(row, i) for i in range(config.n_layers) for row in TENSOR_MAPS if row.per_layer]
+    order += [(row, None) for row in TENSOR_MAPS if not row.per_layer and row.path != ("wte",)]
+    shards: list[list[tuple[TensorMap, int | None]]] = [[]]
+    size = 0
+    for row, layer in order:
+        nbytes = int(np.prod(row.hf_shape(config))) * out_dtype.itemsize
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((row, layer))
+        size += nbytes
+    total = sum(int(np.prod(row.hf_shape(config))) for row, _ in order) * out_dtype.itemsize
+    weight_map = {}
+    with atomic_directory(output, overwrite) as tmp, _progress(total, "jax_to_hf", progress) as bar:
+
+        def read_piece(row, layer, piece_config, expert):
+            index = tuple(i for i in (layer, expert) if i is not None)
+            value = (
+                arrays[row.path][index].read().result()
+                if index
+                else arrays[row.path].read().result()
+            )
+            value = value[None] if expert is not None else value
+            return _layout(row, row.to_hf, np.asarray(value), piece_config).astype(out_dtype)
+
+        with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
+            for n, shard in enumerate(shards, start=1):
+                file_name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+                writer = SafetensorsWriter(
+                    os.path.join(tmp, file_name),
+                    [
+                        (row.hf_name.format(i=layer), out_dtype, row.hf_shape(config))
+                        for row, layer in shard
+                    ],
+                )
+                jobs = [
+                    (row.hf_name.format(i=layer), (row, layer, piece_config, expert))
+                    for row, layer in shard
+                    for _, piece_config, expert in pieces(row, config)
+                ]
+                weight_map.update((name, file_name) for name, _ in jobs)
+                pending = collections.deque()
+                for name, args in jobs:  # read ahead, write in order
+                    pending.append((name, pool.submit(read_piece, *args)))
+                    while len(pending) > 2 * WORKERS:
+                        _write_next(writer, pending, bar)
+                while pending:
+                    _write_next(writer, pending, bar)
+                writer.close()
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        with open(os.path.join(tmp, hf_format.CONFIG_FILE), "w") as f:
+            json.dump(hf_format.config_json(config), f, indent=2)
+        with open(os.path.join(tmp, hf_format.GENERATION_CONFIG_FILE), "w") as f:
+            json.dump(hf_format.generation_config_json(config), f, indent=2)
+        _copy_tokenizer_files(our_dir, tmp)
+    return config

@@ -1,0 +1,199 @@
+"""The non-MoE pieces of a DBRX block: bias-free LayerNorm, NeoX RoPE, and GQA attention with
+an optional KV cache. Shape letters as in dbrx_jax/model/__init__.py.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from dbrx_jax.config import DbrxConfig
+from dbrx_jax.nn import at_least_fp32, param, saved_for_backward
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm without bias: mean-centred, biased variance, eps 1e-5, statistics in fp32.
+
+    (Flax's own LayerNorm defaults to eps 1e-6 and a one-pass variance; DBRX's reference uses
+    torch.nn.LayerNorm.)"""
+
+    def __init__(self, config: DbrxConfig, *, eps: float = 1e-5):
+        self.scale = param(None, (config.d_model,), ("embed",), config)
+        self.eps = eps
+        self.dtype = config.compute_dtype
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        x = x_BTD.astype(at_least_fp32(x_BTD.dtype))  # fp32 statistics, as the reference
+        mean = x.mean(axis=-1, keepdims=True)
+        var = jnp.square(x - mean).mean(axis=-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(x.dtype)
+        return y.astype(self.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embedding, GPT-NeoX style (rotate_half over all H dims, not interleaved).
+
+
+def rope_tables(
+    positions_BT: jax.Array, head_dim: int, theta: float, dtype
+) -> tuple[jax.Array, jax.Array]:
+    """cos and sin tables `[B, T, H]` for the given (per-token) positions.
+
+    As the reference, the inverse frequencies and angles are computed in fp32 whatever the model
+    dtype and only the tables are cast down. A float64 model computes them in float64.
+    """
+    table_dtype = at_least_fp32(dtype)
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=table_dtype) / head_dim))  # [H/2]
+    half_angles = positions_BT.astype(table_dtype)[..., None] * inv_freq  # [B, T, H/2]
+    angles_BTH = jnp.concatenate([half_angles, half_angles], axis=-1)
+    return jnp.cos(angles_BTH).astype(dtype), jnp.sin(angles_BTH).astype(dtype)
+
+
+def apply_rope(x_BTNH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax.Array:
+    x1, x2 = jnp.split(x_BTNH, 2, axis=-1)
+    rotated_BTNH = jnp.concatenate([-x2, x1], axis=-1)
+    return x_BTNH * cos_BTH[:, :, None, :] + rotated_BTNH * sin_BTH[:, :, None, :]
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention.
+
+
+def attention_mask(
+    segment_ids_BT: jax.Array | None,
+    kv_segment_ids_BS: jax.Array | None = None,
+) -> jax.Array | None:
+    """`[B, 1, T, S]` True where a query may attend a key of the same segment (the causal part
+    is applied separately). None when there are no segments (one sequence per row). Keys are the
+    queries' own tokens unless `kv_segment_ids_BS` (a KV cache's) is given."""
+    if segment_ids_BT is None:
+        return None
+    kv = segment_ids_BT if kv_segment_ids_BS is None else kv_segment_ids_BS
+    return (segment_ids_BT[:, :, None] == kv[:, None, :])[:, None, :, :]
+
+
+def dot_product_attention(
+    q_BTNH: jax.Array,
+    k_BSKH: jax.Array,
+    v_BSKH: jax.Array,
+    mask_B1TS: jax.Array | None,
+    *,
+    impl: str,
+    causal: bool = True,
+) -> jax.Array:
+    """GQA attention. `impl`: 'xla' or 'cudnn' (`jax.nn.dot_product_attention`, which does the
+    softmax in fp32), or 'reference' (plain einsums; softmax in fp32, or float64 for float64
+    inputs, which JAX's own always casts to fp32). `causal=False` leaves all masking to
+    `mask_B1TS` (the KV-cache path, where queries sit at arbitrary cache slots). G query heads
+    share each of the K key/value heads."""
+    if impl in ("xla", "cudnn"):
+        return jax.nn.dot_product_attention(
+            q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, is_causal=causal, implementation=impl
+        )
+    if impl != "reference":
+        raise ValueError(f"attention impl {impl!r}: expected 'xla', 'cudnn' or 'reference'")
+    B, T, N, H = q_BTNH.shape
+    S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    logits_BKGTS = jnp.einsum(
+        "BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=at_least_fp32(q_BTNH.dtype)
+    )
+    logits_BKGTS = logits_BKGTS * np.asarray(H**-0.5, logits_BKGTS.dtype)
+    allowed = jnp.ones((T, S), bool)
+    if causal:
+        allowed = jnp.tril(allowed, k=S - T)  # queries at the end
+    if mask_B1TS is not None:
+        allowed = allowed & mask_B1TS
+    allowed_B11TS = jnp.broadcast_to(allowed, (B, 1, T, S))[:, :, None]
+    logits_BKGTS = jnp.where(allowed_B11TS, logits_BKGTS, jnp.finfo(logits_BKGTS.dtype).min)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)  # fp32 softmax
+    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
+    return out_BTKGH.reshape(B, T, N, H)
+
+
+@struct.dataclass
+class LayerCache:
+    """One layer's KV cache: keys (after RoPE) and values (after clipping) for S slots, and the
+    slot where the next tokens go (the same for every row)."""
+
+    k_BSKH: jax.Array
+    v_BSKH: jax.Array
+    start: jax.Array
+
+
+class Attention(nnx.Module):
+    """Fused QKV projection with clipping, NeoX RoPE, GQA attention, output projection.
+
+    `wqkv` is `[D, K, J, H]`: for every KV head its G query heads, then its key, then its value.
+    Grouping by KV head keeps a tensor-parallel split over K local to each shard. (HF's `Wqkv` is
+    `[(N + 2K) * H, D]` with all queries first; io/hf_format.py reorders.)"""
+
+    def __init__(self, config: DbrxConfig, *, rngs: nnx.Rngs):
+        c = config
+        std = c.initializer_range
+        self.wqkv = param(
+            rngs,
+            (c.d_model, c.kv_n_heads, c.n_kv_groups + 2, c.head_dim),
+            ("embed", "kv_heads", "qkv", "head_dim"),
+            c,
+            std=std,
+        )
+        self.out = param(
+            rngs, (c.n_heads, c.head_dim, c.d_model), ("heads", "head_dim", "embed"), c, std=std
+        )
+        self.clip_qkv = c.clip_qkv
+        self.impl = c.attention_impl
+        self.dtype = c.compute_dtype
+
+    def __call__(
+        self,
+        x_BTD: jax.Array,
+        cos_BTH: jax.Array,
+        sin_BTH: jax.Array,
+        mask_B1TS: jax.Array | None,
+        cache: LayerCache | None = None,
+    ) -> tuple[jax.Array, LayerCache | None]:
+        """Attention of T tokens. Without a cache they attend causally to each other (within
+        `mask_B1TS`). With one, their keys and values go into slots [start, start + T) and they
+        attend over the whole cache as `mask_B1TS` (`[B, 1, T, S]`) allows; the updated cache
+        comes back."""
+        with jax.named_scope("attention"):  # benchmarks/profiling.py attributes time by scope
+            q_BTNH, k_BTKH, v_BTKH = self.project(x_BTD, cos_BTH, sin_BTH)
+            if cache is None:
+                out_BTNH = dot_product_attention(
+                    q_BTNH, k_BTKH, v_BTKH, mask_B1TS, impl=self.impl, causal=True
+                )
+            else:
+                cache = cache.replace(
+                    k_BSKH=jax.lax.dynamic_update_slice_in_dim(
+                        cache.k_BSKH, k_BTKH.astype(cache.k_BSKH.dtype), cache.start, axis=1
+                    ),
+                    v_BSKH=jax.lax.dynamic_update_slice_in_dim(
+                        cache.v_BSKH, v_BTKH.astype(cache.v_BSKH.dtype), cache.start, axis=1
+                    ),
+                )
+                out_BTNH = dot_product_attention(
+                    q_BTNH, cache.k_BSKH, cache.v_BSKH, mask_B1TS, impl=self.impl, causal=False
+                )
+            out_BTNH = saved_for_backward(out_BTNH, "attention")
+            out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.out[...].astype(self.dtype))
+            return saved_for_backward(out_BTD, "attention_out"), cache
+
+    def project(
+        self, x_BTD: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries, keys and values: fused projection, clipping, RoPE on q and k."""
+        B, T, _ = x_BTD.shape
+        _, K, J, H = self.wqkv.shape
+        G = J - 2
+        qkv_BTKJH = jnp.einsum("BTD,DKJH->BTKJH", x_BTD, self.wqkv[...].astype(self.dtype))
+        qkv_BTKJH = saved_for_backward(qkv_BTKJH, "qkv")
+        if self.clip_qkv is not None:
+            # Clip the whole fused output, Q, K and V alike, before RoPE, as the reference.
+            qkv_BTKJH = jnp.clip(qkv_BTKJH, -self.clip_qkv, self.clip_qkv)
+        q_BTNH = qkv_BTKJH[:, :, :, :G].reshape(B, T, K * G, H)
+        k_BTKH = qkv_BTKJH[:, :, :, G]
+        v_BTKH = qkv_BTKJH[:, :, :, G + 1]
+        return apply_rope(q_BTNH, cos_BTH, sin_BTH), apply_rope(k_BTKH, cos_BTH, sin_BTH), v_BTKH

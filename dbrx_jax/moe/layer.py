@@ -1,0 +1,81 @@
+"""DBRX's mixture-of-experts FFN as an NNX module: the router and E GLU experts, run as the
+model's plan says (moe/plan.py). Shape letters as in dbrx_jax/model/__init__.py."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx, struct
+
+from dbrx_jax.config import DbrxConfig
+from dbrx_jax.moe import dispatch, exchange
+from dbrx_jax.moe.plan import MoEPlan, plan_moe
+from dbrx_jax.moe.routing import RouterOutput, route
+from dbrx_jax.nn import param
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+@struct.dataclass
+class MoEOutput:
+    y_BTD: jax.Array
+    router: RouterOutput
+
+
+class MoE(nnx.Module):
+    """Router plus E GLU experts, stored as real `[E, D, F]` / `[E, F, D]` arrays.
+
+    plan: how to run (dispatch, grouped GEMM, expert exchange); by default the single-device
+    plan of `config` (`Dbrx` passes the plan of its mesh)."""
+
+    def __init__(self, config: DbrxConfig, *, rngs: nnx.Rngs, plan: MoEPlan | None = None):
+        c = config
+        D, E, F = c.d_model, c.moe_num_experts, c.ffn_hidden_size
+        std = c.initializer_range
+        self.router = param(rngs, (D, E), ("embed", "expert_logits"), c, std=std)
+        self.w1 = param(rngs, (E, D, F), ("expert", "embed", "mlp"), c, std=std)
+        self.v1 = param(rngs, (E, D, F), ("expert", "embed", "mlp"), c, std=std)
+        self.w2 = param(rngs, (E, F, D), ("expert", "mlp", "embed"), c, std=std)
+        self.config = c
+        self.plan = plan if plan is not None else plan_moe(c)
+
+    def __call__(self, x_BTD: jax.Array, jitter_key: jax.Array | None = None) -> MoEOutput:
+        c, plan = self.config, self.plan
+        with jax.named_scope("router"):
+            routing = route(
+                x_BTD,
+                self.router[...],
+                top_k=c.moe_top_k,
+                normalize_p=c.moe_normalize_expert_weights,
+                jitter_eps=c.moe_jitter_eps,
+                jitter_key=jitter_key,
+            )
+        w1, v1, w2 = (w[...].astype(c.compute_dtype) for w in (self.w1, self.v1, self.w2))
+        act = ACTIVATIONS[c.ffn_act_fn]
+        if plan.expert_parallel:
+            y_BTD = exchange.sharded_experts(
+                x_BTD, routing.expert_ids_BTA, routing.weights_BTA, w1, v1, w2, act=act, plan=plan
+            )
+            return MoEOutput(y_BTD=y_BTD, router=routing)
+        B, T, D = x_BTD.shape
+        impl = plan.dispatch_for(routing.expert_ids_BTA.size)
+        if plan.fuse_gate_up and impl in ("dropless", "capacity"):
+            w1, v1 = dispatch.fuse_gate_up(w1, v1), None
+        y_MD, dropped_MA = dispatch.experts(
+            x_BTD.reshape(B * T, D),
+            routing.expert_ids_BTA.reshape(B * T, -1),
+            routing.weights_BTA.reshape(B * T, -1),
+            w1,
+            v1,
+            w2,
+            act=act,
+            impl=impl,
+            gmm=plan.gmm,
+            capacity_factor=plan.capacity_factor,
+        )
+        routing = routing.replace(dropped_BTA=dropped_MA.reshape(B, T, -1))
+        return MoEOutput(y_BTD=y_MD.reshape(B, T, D), router=routing)

@@ -1,0 +1,152 @@
+"""The training state, (params, opt_state) with the model's graphdef: how it is created, where a
+run's comes from, and how it leaves as an export. Training (train.py) and the export entry point
+both come here, so neither imports the other.
+
+A run's workdir holds `config.json` (`RunConfig`: the experiment, the model, the tokenizer) and
+`checkpoints/<step>/` (io/checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from dbrx_jax import sharding
+from dbrx_jax.config import DbrxConfig
+from dbrx_jax.io import checkpoint
+from dbrx_jax.io.pretrained import load_params
+from dbrx_jax.model import Dbrx
+from dbrx_jax.optim import make_optimizer
+
+log = logging.getLogger(__name__)
+
+RUN_CONFIG = "config.json"
+CHECKPOINTS = "checkpoints"
+
+
+def abstract_train_state(config: DbrxConfig, tx: optax.GradientTransformation, mesh: Mesh):
+    """(graphdef, params, opt_state), the arrays as ShapeDtypeStructs carrying their shardings on
+    `mesh`: the targets to restore a checkpoint into, whatever mesh it was saved from."""
+    graphdef, params = nnx.split(
+        nnx.eval_shape(lambda: Dbrx(config, rngs=nnx.Rngs(0), mesh=mesh)), nnx.Param
+    )
+    opt_state = jax.eval_shape(tx.init, params)
+    return graphdef, sharding.abstract_on(params, mesh), sharding.abstract_on(opt_state, mesh)
+
+
+def init_train_state(
+    config: DbrxConfig, tx: optax.GradientTransformation, mesh: Mesh, seed: int = 0
+):
+    """(graphdef, params, opt_state) of a new model for `mesh`, each array created directly in
+    its sharded layout."""
+    model = sharding.shard_module(lambda: Dbrx(config, rngs=nnx.Rngs(seed), mesh=mesh), mesh)
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, params, init_opt_state(tx, params, mesh)
+
+
+def init_opt_state(tx: optax.GradientTransformation, params, mesh: Mesh):
+    """A fresh optimizer state for `params`, each array created in its sharded layout."""
+    opt_shardings = sharding.param_shardings(jax.eval_shape(tx.init, params), mesh)
+    return jax.jit(tx.init, out_shardings=opt_shardings)(params)
+
+
+def initial_state(
+    model_config: DbrxConfig,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    checkpointer: checkpoint.Checkpointer | None,
+    data_iterator,
+    init_from: str = "",
+    seed: int = 0,
+):
+    """(graphdef, first step, params, opt_state) of a run: its latest checkpoint that restores
+    (checked to be of the same model; `data_iterator` moves to where it was), else `init_from`'s
+    parameters with a new optimizer, else a new model."""
+    graphdef, abstract_params, abstract_opt = abstract_train_state(model_config, tx, mesh)
+    if checkpointer is not None and checkpointer.steps():
+        for step in reversed(checkpointer.steps()):
+            try:
+                stored = checkpointer.stored_config(step)
+            except Exception:  # unreadable: restore_latest will skip it too
+                continue
+            checkpoint.check_same_model(stored, model_config, checkpointer.directory)
+            break
+        abstract = {"params": abstract_params, "opt_state": abstract_opt}
+        step, state = checkpointer.restore_latest(abstract, data_iterator)
+        if step is not None:
+            log.info("resumed from %s/%d", checkpointer.directory, step)
+            return graphdef, step, state["params"], state["opt_state"]
+    if init_from:
+        params = load_params(init_from, model_config, abstract_params)
+        log.info("parameters from %s, a new optimizer state", init_from)
+        return graphdef, 0, params, init_opt_state(tx, params, mesh)
+    graphdef, params, opt_state = init_train_state(model_config, tx, mesh, seed)
+    return graphdef, 0, params, opt_state
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """What a run records of itself (`workdir/config.json`, and in every checkpoint)."""
+
+    experiment: ml_collections.ConfigDict
+    model: DbrxConfig
+    tokenizer: str
+
+    def to_json_dict(self) -> dict[str, Any]:
+        run = {
+            "experiment": self.experiment.to_dict(),
+            "model": json.loads(self.model.to_json()),
+            "architecture": self.model.architecture(),
+            "tokenizer": self.tokenizer,
+        }
+        return json.loads(json.dumps(run, default=str))  # JSON types only (Orbax stores it)
+
+    def write(self, workdir: str) -> None:
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, RUN_CONFIG), "w") as f:
+                json.dump(self.to_json_dict(), f, indent=2)
+
+    @classmethod
+    def read(cls, workdir: str) -> RunConfig:
+        path = os.path.join(workdir, RUN_CONFIG)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no run config (is {workdir} a training workdir?)")
+        with open(path) as f:
+            run = json.load(f)
+        return cls(
+            experiment=ml_collections.ConfigDict(run["experiment"]),
+            model=DbrxConfig.from_dict(run["model"]),
+            tokenizer=run.get("tokenizer", ""),
+        )
+
+
+def export_from_workdir(workdir: str, output: str, step: int | None = None) -> int:
+    """Exports the parameters of a run's checkpoint (the latest, or `step`) for
+    `from_pretrained` and `init_from`. Returns the step exported."""
+    run = RunConfig.read(workdir)
+    tx = make_optimizer(run.experiment)
+    mesh = sharding.make_mesh({"data": -1})
+    _, params, opt_state = abstract_train_state(run.model, tx, mesh)
+    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINTS))
+    try:
+        steps = checkpointer.steps()
+        if not steps:
+            raise FileNotFoundError(f"{workdir}/{CHECKPOINTS}: no checkpoint to export")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise ValueError(f"{workdir}/{CHECKPOINTS} has no step {step}; its steps: {steps}")
+        restored = checkpointer.restore_state(step, {"params": params, "opt_state": opt_state})
+    finally:
+        checkpointer.close()
+    checkpoint.export_params(restored["params"], run.model, output)
+    return step
