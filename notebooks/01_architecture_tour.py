@@ -29,7 +29,8 @@ import numpy as np
 from flax import nnx
 
 import dbrx_jax
-from dbrx_jax import PRESETS, Dbrx, DbrxConfig, layers
+from dbrx_jax import PRESETS, Dbrx, DbrxConfig
+from dbrx_jax.model import layers
 
 FIGURES = pathlib.Path("figures")
 FIGURES.mkdir(exist_ok=True)
@@ -40,6 +41,9 @@ FIGURES.mkdir(exist_ok=True)
 # Every block parameter has a leading layer axis: the blocks are created with `nnx.vmap` and run
 # under `jax.lax.scan`, so compile time does not grow with depth. The last column is each
 # parameter's logical axes, which the sharding rules map onto a device mesh (notebook 04).
+#
+# A model is built for a mesh, here none (one device): its MoE execution plan, which dispatch and
+# grouped GEMM the expert layers run, is decided then and kept in `model.plan`.
 
 # %%
 config = DbrxConfig.preset("dbrx-tiny")
@@ -48,6 +52,7 @@ for path, param in nnx.iter_graph(model):
     if isinstance(param, nnx.Param):
         name = ".".join(map(str, path))
         print(f"{name:22s} {param.shape!s:22s} {param.get_metadata('logical_axes')}")
+print(model.plan.describe())
 
 # %% [markdown]
 # ## Parameter counts of every preset
@@ -103,9 +108,10 @@ plt.show()
 # ## One block, step by step
 #
 # Take layer 0 out of the stacked blocks (index the layer axis of every parameter) and run a
-# short batch through it by hand. Shapes are in the names: B batch, T tokens, D model width,
-# N query heads, K key/value heads, G = N / K query heads per KV head, H head size, E experts,
-# A active experts per token, F expert hidden size.
+# short batch through it by hand. Shapes are in the names: B batch, T tokens (queries), S key
+# positions, D model width, N query heads, K key/value heads, G = N / K query heads per KV head,
+# J = G + 2 fused-QKV slots per KV head, H head size, E experts, A active experts per token,
+# F expert hidden size, L layers (the package-wide legend is in `dbrx_jax/model/__init__.py`).
 
 # %%
 block_def, block_state = nnx.split(model.blocks)
@@ -133,13 +139,23 @@ print(
 # %% [markdown]
 # **Rotary embeddings (GPT-NeoX style).** Each pair (i, i + H/2) of a query or key is rotated by
 # an angle proportional to the position, with frequencies `theta ** (-2i / H)`. Rotations keep
-# norms and make `q . k` depend only on the distance between the two positions.
+# norms and make `q . k` depend only on the distance between the two positions. Here on the
+# unscaled input: project, clip, split the fused slots into queries, keys and values, rotate q
+# and k.
 
 # %%
 B, T, _ = h_BTD.shape
+G = config.n_kv_groups
 positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
 cos_BTH, sin_BTH = layers.rope_tables(positions_BT, config.head_dim, config.rope_theta, jnp.float32)
-q_BTNH, k_BTKH, v_BTKH = block.attn.project(x_BTD, cos_BTH, sin_BTH)
+qkv_BTKJH = jnp.clip(
+    jnp.einsum("BTD,DKJH->BTKJH", x_BTD, block.attn.wqkv[...]), -config.clip_qkv, config.clip_qkv
+)
+q_BTNH = layers.apply_rope(
+    qkv_BTKJH[:, :, :, :G].reshape(B, T, config.n_heads, config.head_dim), cos_BTH, sin_BTH
+)
+k_BTKH = layers.apply_rope(qkv_BTKJH[:, :, :, G], cos_BTH, sin_BTH)
+v_BTKH = qkv_BTKJH[:, :, :, G + 1]
 print("q_BTNH", q_BTNH.shape, " k_BTKH", k_BTKH.shape, " v_BTKH", v_BTKH.shape)
 
 rng = np.random.RandomState(1)
@@ -167,7 +183,6 @@ print(
 # library's attention.
 
 # %%
-G = config.n_kv_groups
 q_BTKGH = q_BTNH.reshape(B, T, config.kv_n_heads, G, config.head_dim)
 scores_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BTKH) / np.sqrt(config.head_dim)
 scores_BKGTS = jnp.where(jnp.tril(jnp.ones((T, T), bool)), scores_BKGTS, -jnp.inf)
@@ -195,8 +210,8 @@ print("token 0 goes to experts", experts_BTA[0, 0], "with weights", np.round(wei
 # **The experts.** Each is a GLU, `(act(x W1) * (x V1)) W2`, with the weights stored as real
 # `[E, D, F]`, `[E, D, F]` and `[E, F, D]` arrays. The layer's output is the weighted sum over
 # the chosen experts. Here by gathering each token's expert weights (the simplest correct
-# form); the library sorts tokens by expert and runs grouped GEMMs instead (notebook 02 and
-# `dbrx_jax/moe_dispatch.py`).
+# form); the library sorts tokens by expert and runs grouped GEMMs instead
+# (`dbrx_jax/moe/dispatch.py`; `model.plan` above says which path runs).
 
 # %%
 w1_EDF, v1_EDF, w2_EFD = (w[...] for w in (block.ffn.w1, block.ffn.v1, block.ffn.w2))
@@ -210,20 +225,22 @@ h_BTD = h_BTD + jnp.einsum("BTA,BTAD->BTD", weights_BTA, y_BTAD)
 # The hand-built block against the model's own block:
 
 # %%
-block_out_BTD, router = block(model.wte[...][tokens_BT], cos_BTH, sin_BTH, None, None)
+block_out_BTD, router, _ = block(model.wte[...][tokens_BT], cos_BTH, sin_BTH, None)
 print("max |by hand - block|:", float(jnp.abs(h_BTD - block_out_BTD).max()))
 print("same experts chosen:", bool((router.expert_ids_BTA == experts_BTA).all()))
 
 # %% [markdown]
 # ## The whole model
 #
-# A forward pass returns the logits and, per layer, the router's decisions. Packed sequences:
-# segment ids keep attention inside each document and restart the RoPE positions, so a packed
-# row gives the same logits as its documents run one by one.
+# A forward pass returns the logits and every layer's routing, stacked (`out.router`, a
+# `Routing`: router logits `[L, B, T, E]`, the chosen experts and their weights `[L, B, T, A]`),
+# which the load-balancing loss reads. Packed sequences: segment ids keep attention inside each
+# document and restart the RoPE positions, so a packed row gives the same logits as its
+# documents run one by one.
 
 # %%
 out = nnx.jit(lambda m, t: m(t))(model, tokens_BT)
-print("logits", out.logits.shape, " router logits per layer", out.router.logits_BTE.shape)
+print("logits", out.logits.shape, " router logits per layer", out.router.logits_LBTE.shape)
 print(
     "load-balancing loss (1.0 = balanced):",
     float(dbrx_jax.load_balancing_loss(out.router, config.moe_num_experts)),

@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import dbrx_jax
-from dbrx_jax import checkpoint, data, experiment, train
+from dbrx_jax import data, experiment, state, train
 from dbrx_jax.tokenizer import load_tokenizer
 
 FIGURES = pathlib.Path("figures")
@@ -71,7 +71,7 @@ else:
 # %%
 export = workdir / "export"
 if not export.exists():
-    checkpoint.export_from_workdir(str(workdir), str(export))
+    state.export_from_workdir(str(workdir), str(export))
 model = dbrx_jax.from_pretrained(str(export))
 run = json.loads((workdir / "config.json").read_text())
 tokenizer = load_tokenizer(run["tokenizer"])
@@ -91,8 +91,8 @@ print(f"{L} layers, {E} experts, top-{A}; vocabulary of {tokenizer.vocab_size}")
 rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 rows = [r for r in rows if "router_entropy" in r]
 steps = np.array([r["step"] for r in rows])
-entropy_SL = np.array([r["router_entropy"] for r in rows])
-busiest_SL = np.array([r["expert_load_max"] for r in rows])
+entropy_by_step = np.array([r["router_entropy"] for r in rows])  # [logged steps, L]
+busiest_by_step = np.array([r["expert_load_max"] for r in rows])  # [logged steps, L]
 
 # %% [markdown]
 # ## Expert load on held-out text
@@ -115,7 +115,7 @@ for i, batch in enumerate(eval_batches):
     mask_BT = batch["segment_ids"] != 0
     stats = dbrx_jax.moe_stats(out.router, E, jnp.asarray(mask_BT))
     counts_LE += np.asarray(stats.tokens_per_expert_LE)
-    experts_LBTA = np.asarray(out.router.expert_ids_BTA)
+    experts_LBTA = np.asarray(out.router.expert_ids_LBTA)
     for layer in range(L):
         top1_tokens.append(
             np.stack(
@@ -152,7 +152,7 @@ for layer in range(L):
         )
 fig.colorbar(image, ax=ax_heat)
 for layer in range(L):
-    ax_entropy.plot(steps, entropy_SL[:, layer], label=f"layer {layer}")
+    ax_entropy.plot(steps, entropy_by_step[:, layer], label=f"layer {layer}")
 ax_entropy.axhline(np.log(E), color="gray", linestyle="--", label=f"uniform (ln {E})")
 ax_entropy.set_xlabel("training step")
 ax_entropy.set_ylabel("router entropy (nats)")
@@ -168,7 +168,7 @@ plt.show()
 # %%
 fig, ax = plt.subplots(figsize=(6, 3))
 for layer in range(L):
-    ax.plot(steps, busiest_SL[:, layer] * E, label=f"layer {layer}")
+    ax.plot(steps, busiest_by_step[:, layer] * E, label=f"layer {layer}")
 ax.axhline(1.0, color="gray", linestyle="--")
 ax.set_xlabel("training step")
 ax.set_ylabel("busiest expert / even share")
@@ -226,7 +226,7 @@ for expert in range(E):
 verse = "In the beginning God created the heaven and the earth."
 ids = tokenizer.encode(verse)
 out = model(jnp.asarray([ids]))
-first_LT = np.asarray(out.router.expert_ids_BTA[:, 0, :, 0])
+first_LT = np.asarray(out.router.expert_ids_LBTA[:, 0, :, 0])
 fig, ax = plt.subplots(figsize=(0.6 * len(ids) + 1, 0.5 * L + 1))
 ax.imshow(first_LT, cmap="tab20", vmin=0, vmax=19, aspect="auto")
 for layer in range(L):

@@ -19,10 +19,18 @@
 # compare our logits and routing with the reference's, generate from both, and export back to
 # the Hugging Face format to show the round trip is exact. (`transformers` and `torch` are only
 # needed for the comparison; dbrx_jax itself never imports them.)
+#
+# The reference comes from `benchmarks/hf_reference.py`, the one place that builds a
+# transformers DBRX from a `DbrxConfig`: the parity tests and the benchmarks use the same
+# builder, so this notebook compares with exactly the model they check. `benchmarks/` is not
+# installed with the library; it imports from the repository root (`make notebooks` puts the
+# root on the kernel's path; the `sys.path` line below does it for a Jupyter started in
+# `notebooks/`).
 
 # %%
 import json
 import pathlib
+import sys
 import tempfile
 import warnings
 
@@ -35,12 +43,15 @@ import torch
 from absl import logging as absl_logging
 
 import dbrx_jax
-from dbrx_jax import convert
 from dbrx_jax.generate import generate
+from dbrx_jax.io import convert
 
+sys.path.append(str(pathlib.Path.cwd().parent))  # the repository root, for benchmarks/
 with warnings.catch_warnings():  # transformers' tqdm.auto notes that ipywidgets is missing
     warnings.filterwarnings("ignore", message="IProgress not found")
     import transformers
+
+    from benchmarks import hf_reference
 
 FIGURES = pathlib.Path("figures")
 FIGURES.mkdir(exist_ok=True)
@@ -53,21 +64,13 @@ absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's notes on how it merges
 #
 # `dbrx-tiny` has every feature of the real model (GQA, `clip_qkv`, NeoX RoPE with theta 5e5,
 # 16 experts top-4) at 0.7M parameters. Its `to_hf()` is the `config.json` transformers reads.
-# Random weights at DBRX's initialisation scale give near-uniform logits, so we draw them larger:
-# then the clipping bites and the router's choices are decisive.
+# Random weights at DBRX's initialisation scale give near-uniform logits, so `hf_model` draws
+# them larger (its default `decisive=True`): then the clipping bites and the router's choices
+# are decisive.
 
 # %%
 config = dbrx_jax.DbrxConfig.preset("dbrx-tiny")
-torch.manual_seed(0)
-reference = transformers.DbrxForCausalLM(transformers.DbrxConfig(**config.to_hf())).eval()
-with torch.no_grad():
-    for name, p in reference.named_parameters():
-        if "norm" in name:
-            p.uniform_(0.5, 1.5)
-        elif "wte" in name:
-            p.normal_(0.0, 1.0)
-        else:
-            p.normal_(0.0, 2.0 / np.sqrt(p.shape[-1] if "w2" not in name else p.shape[0]))
+reference = hf_reference.hf_model(config, seed=0)
 hf_dir = work / "hf"
 reference.save_pretrained(hf_dir)
 for path in sorted(hf_dir.iterdir()):
@@ -76,9 +79,10 @@ for path in sorted(hf_dir.iterdir()):
 # %% [markdown]
 # ## Convert
 #
-# `convert.hf_to_jax` (or `python experiments/convert.py --to=jax ...`) streams one tensor piece
-# at a time from the safetensors shards into an Orbax export, reordering the fused QKV by KV
-# head and stacking the layers; its memory stays flat however large the model.
+# `convert.hf_to_jax` (or `python experiments/convert.py --direction=hf_to_jax --input=...
+# --output=...`) streams one tensor piece at a time from the safetensors shards into an Orbax
+# export, reordering the fused QKV by KV head and stacking the layers; its memory stays flat
+# however large the model.
 
 # %%
 ours_dir = work / "ours"
@@ -95,17 +99,14 @@ print(json.dumps(model.config.architecture(), indent=1)[:400], "...")
 
 # %%
 tokens_BT = np.random.RandomState(0).randint(0, config.vocab_size, (4, 48))
-with torch.no_grad():
-    hf_out = reference(torch.as_tensor(tokens_BT), output_router_logits=True)
-hf_logits_BTV = hf_out.logits.numpy()
-hf_router_LNE = np.stack([r.numpy() for r in hf_out.router_logits])
+hf_logits_BTV, hf_router_LBTE = hf_reference.run(reference, tokens_BT)
 out = jax.jit(lambda m, t: m(t))(model, jnp.asarray(tokens_BT))
 logits_BTV = np.asarray(out.logits)
 diff_BTV = np.abs(logits_BTV - hf_logits_BTV)
-hf_experts = np.argsort(-hf_router_LNE, axis=-1)[..., : config.moe_top_k]
-ours_experts = np.asarray(out.router.expert_ids_BTA).reshape(hf_experts.shape)
+hf_experts_LBTA = np.argsort(-hf_router_LBTE, axis=-1)[..., : config.moe_top_k]
+ours_experts_LBTA = np.asarray(out.router.expert_ids_LBTA)
 with jax.enable_x64(True):  # the exact answer: our model in float64, same weights
-    model64 = dbrx_jax.from_pretrained(str(ours_dir), dtype="float64")
+    model64 = dbrx_jax.from_pretrained(str(ours_dir), dtype=jnp.float64)
     exact_BTV = np.asarray(model64(jnp.asarray(tokens_BT)).logits)
 print(f"logit scale (std) {hf_logits_BTV.std():.2f}; max |difference|:")
 print(f"  dbrx_jax float32 vs transformers float32  {diff_BTV.max():.1e}")
@@ -113,7 +114,7 @@ print(f"  dbrx_jax float32 vs float64               {np.abs(logits_BTV - exact_B
 print(f"  transformers float32 vs float64           {np.abs(hf_logits_BTV - exact_BTV).max():.1e}")
 print(
     "same top-4 experts for every token and layer:",
-    bool((np.sort(hf_experts, -1) == np.sort(ours_experts, -1)).all()),
+    bool((np.sort(hf_experts_LBTA, -1) == np.sort(ours_experts_LBTA, -1)).all()),
 )
 print("same next-token argmax:", bool((logits_BTV.argmax(-1) == hf_logits_BTV.argmax(-1)).all()))
 
@@ -142,17 +143,17 @@ plt.show()
 prompts = [[5, 17, 300, 42], [101, 7, 250, 99, 3, 60, 8, 11]]
 new_tokens = 16
 ours = generate(model, prompts, max_new_tokens=new_tokens)
-ours_tokens = np.asarray(ours.tokens_BN)
+ours_tokens_BX = np.asarray(ours.tokens_BX)
 reference.generation_config.eos_token_id = None  # random weights: run the full length
 for i, prompt in enumerate(prompts):
     with torch.no_grad():
-        hf_tokens = reference.generate(
+        hf_tokens_X = reference.generate(
             torch.as_tensor([prompt]), max_new_tokens=new_tokens, do_sample=False
         )[0, len(prompt) :].numpy()
     print(f"prompt {prompt}")
-    print(f"  transformers {hf_tokens.tolist()}")
-    same = bool((hf_tokens == ours_tokens[i]).all())
-    print(f"  dbrx_jax     {ours_tokens[i].tolist()}  same: {same}")
+    print(f"  transformers {hf_tokens_X.tolist()}")
+    same = bool((hf_tokens_X == ours_tokens_BX[i]).all())
+    print(f"  dbrx_jax     {ours_tokens_BX[i].tolist()}  same: {same}")
 
 # %% [markdown]
 # ## Back to Hugging Face
@@ -177,9 +178,8 @@ assert original.keys() == returned.keys()
 equal = [name for name in original if np.array_equal(original[name], returned[name])]
 print(f"{len(equal)} of {len(original)} tensors bitwise equal after HF -> dbrx_jax -> HF")
 reloaded = transformers.DbrxForCausalLM.from_pretrained(back_dir).eval()
-with torch.no_grad():
-    again = reloaded(torch.as_tensor(tokens_BT)).logits.numpy()
+again_BTV, _ = hf_reference.run(reloaded, tokens_BT)
 print(
     "transformers on the exported model, max |difference|:",
-    float(np.abs(again - hf_logits_BTV).max()),
+    float(np.abs(again_BTV - hf_logits_BTV).max()),
 )

@@ -34,7 +34,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
 
-from dbrx_jax import Dbrx, DbrxConfig, data, sharding, summary, train
+from dbrx_jax import Dbrx, DbrxConfig, data, memory, sharding, train
 
 FIGURES = pathlib.Path("figures")
 FIGURES.mkdir(exist_ok=True)
@@ -64,13 +64,14 @@ for logical, mesh_axes in sharding.LOGICAL_RULES.items():
 # %% [markdown]
 # ## Where each parameter lives
 #
-# `shard_module` creates every parameter directly in its sharded layout (the full model never
-# sits on one device). The table: logical axes, the resulting `PartitionSpec`, the block each
-# device holds, and how many devices hold the same block.
+# A model is built for its mesh (`Dbrx(..., mesh=mesh)`), and `shard_module` creates every
+# parameter directly in its sharded layout (the full model never sits on one device). The
+# table: logical axes, the resulting `PartitionSpec`, the block each device holds, and how many
+# devices hold the same block.
 
 # %%
 config = DbrxConfig.preset("dbrx-small")
-model = sharding.shard_module(lambda: Dbrx(config, rngs=nnx.Rngs(0)), mesh)
+model = sharding.shard_module(lambda: Dbrx(config, rngs=nnx.Rngs(0), mesh=mesh), mesh)
 print(f"{'parameter':20s} {'shape':19s} {'spec':50s} {'per device':18s} copies")
 for path, param in nnx.iter_graph(model):
     if isinstance(param, nnx.Param):
@@ -142,13 +143,13 @@ meshes = {
     "fsdp 16 x expert 16": {"fsdp": 16, "expert": 16},
 }
 training = release.replace(param_dtype="float32")
-rows = {name: summary.memory_per_device(training, sizes) for name, sizes in meshes.items()}
+rows = {name: memory.memory_per_device(training, sizes) for name, sizes in meshes.items()}
 for name, row in rows.items():
     print(
         f"{name:22s} {row['devices']:4d} devices: params {row['params_gib']:6.2f} GiB + "
         f"AdamW {row['optimizer_gib']:6.2f} GiB per device"
     )
-serving = summary.inference_memory(release, {"tensor": 8}, batch=8, context=32768)
+serving = memory.inference_memory(release, {"tensor": 8}, batch=8, context=32768)
 print(
     f"serving on tensor 8: params {serving['params_gib']:.2f} GiB + KV cache "
     f"{serving['kv_cache_gib']:.2f} GiB per device"
@@ -176,19 +177,24 @@ plt.show()
 # %% [markdown]
 # ## The communication of an expert-parallel training step
 #
-# A training step of a small model on data 2 x expert 4, compiled; we count the collectives in
-# the optimised HLO. With `moe_exchange="all_to_all"` each device sends every token to the
-# devices that hold its experts and gets the results back (all-to-all); with `"all_gather"` the
-# devices gather the tokens of the whole expert group and reduce-scatter the results. The rest
-# (all-reduce of gradients over the batch axes, all-gathers of fsdp-style parameter shards) is
-# GSPMD's.
+# The forward and backward pass of a training step of a small model on data 2 x expert 4,
+# compiled; we count the collectives in the optimised HLO. Which MoE path runs is decided when
+# the model is built for its mesh, and `model.plan` says it: on this mesh the dropless dispatch
+# runs under `shard_map`, each device holding a quarter of every layer's experts. With
+# `moe_exchange="all_to_all"` each device sends every token to the devices that hold its
+# experts and gets the results back (all-to-all); with `"all_gather"` the devices gather the
+# tokens of the whole expert group and reduce-scatter the results. The rest (all-reduce of
+# gradients over the batch axes, all-gathers of fsdp-style parameter shards) is GSPMD's.
 
 
 # %%
 def collectives(exchange):
     step_config = DbrxConfig.preset("dbrx-tiny", moe_impl="dropless", moe_exchange=exchange)
     ep_mesh = sharding.make_mesh({"data": 2, "expert": 4})
-    model = sharding.shard_module(lambda: Dbrx(step_config, rngs=nnx.Rngs(0)), ep_mesh)
+    model = sharding.shard_module(
+        lambda: Dbrx(step_config, rngs=nnx.Rngs(0), mesh=ep_mesh), ep_mesh
+    )
+    print(model.plan.describe())
     graphdef, params = nnx.split(model, nnx.Param)
     tokens = np.random.RandomState(0).randint(0, step_config.vocab_size, (8, 65))
     batch = sharding.shard_batch(data.model_batch(tokens), ep_mesh)
@@ -196,8 +202,7 @@ def collectives(exchange):
     def gradients(params, batch):
         return jax.grad(lambda p: train.loss_fn(nnx.merge(graphdef, p), batch)[0])(params)
 
-    with jax.set_mesh(ep_mesh):
-        hlo = jax.jit(gradients).lower(params, batch).compile().as_text()
+    hlo = jax.jit(gradients).lower(params, batch).compile().as_text()
     ops = re.findall(
         r" (all-to-all|all-gather|reduce-scatter|all-reduce|collective-permute)(?:-start)?\(", hlo
     )
@@ -205,6 +210,7 @@ def collectives(exchange):
 
 
 counts = {exchange: collectives(exchange) for exchange in ("all_to_all", "all_gather")}
+print()
 kinds = ["all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute"]
 print(f"{'collective':20s} {'all_to_all':>11s} {'all_gather':>11s}")
 for kind in kinds:

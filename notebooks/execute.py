@@ -32,8 +32,12 @@ def execute(
     seconds it took. Any cell's error raises nbclient's CellExecutionError."""
     notebook = jupytext.read(source)
     # The kernel starts as Jupyter would start it: a notebook that wants simulated devices
-    # asks for them itself, before it imports JAX.
+    # asks for them itself, before it imports JAX. The repository root goes on its path for
+    # `benchmarks/` (not installed), which holds the transformers reference notebook 03 uses.
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(HERE.parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+    )
     client = nbclient.NotebookClient(
         notebook,
         timeout=timeout,
