@@ -26,8 +26,6 @@ from flax import nnx, struct
 from dbrx_jax.model import Dbrx, KVCache
 from dbrx_jax.tokenizer import Tokenizer
 
-DBRX_STOP_IDS = (100257, 100279)  # <|endoftext|>, <|im_end|>
-
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
@@ -167,6 +165,26 @@ def _emit(on_token, tokens_B, alive_B):
         )
 
 
+def text_streamer(tokenizer: Tokenizer, write: Callable[[str], object]):
+    """An `on_token` callback that writes the first row's text as it is generated. It decodes
+    the whole continuation each time and holds back a character whose bytes are still coming
+    (a byte-level BPE splits rare characters over several tokens)."""
+    streamed: list[int] = []
+    shown = [0]  # characters written so far
+
+    def on_token(tokens_B: np.ndarray, alive_B: np.ndarray) -> None:
+        if not alive_B[0]:
+            return
+        streamed.append(int(tokens_B[0]))
+        text = tokenizer.decode(streamed)
+        if text.endswith("\ufffd"):  # an incomplete character: wait for its next token
+            return
+        write(text[shown[0] :])
+        shown[0] = len(text)
+
+    return on_token
+
+
 def sample_text(
     model: Dbrx, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int
 ) -> dict[str, str]:
@@ -175,7 +193,7 @@ def sample_text(
         model,
         [tokenizer.encode(p) for p in prompts],
         max_new_tokens=max_new_tokens,
-        stop_ids=(tokenizer.eos_id,),
+        stop_ids=tokenizer.stop_ids,
         vocab_limit=tokenizer.vocab_size,
         pad_id=tokenizer.pad_id,
     )

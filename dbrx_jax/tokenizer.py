@@ -29,12 +29,15 @@ DBRX_SPECIAL_TOKENS = {
     "<|im_end|>": 100279,
 }
 DBRX_VOCAB_SIZE = 100280  # ids the tokenizer produces; the model's 100352 rows are padded
+# Generation stops on either (generation_config.json's eos_token_id).
+DBRX_STOP_IDS = (DBRX_SPECIAL_TOKENS["<|endoftext|>"], DBRX_SPECIAL_TOKENS["<|im_end|>"])
 
 
 class Tokenizer(Protocol):
     vocab_size: int  # ids are in [0, vocab_size)
     eos_id: int
     pad_id: int
+    stop_ids: tuple[int, ...]  # generation stops on any of these
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -56,6 +59,7 @@ class SentencePieceTokenizer:
         self.vocab_size = self._sp.get_piece_size()
         self.eos_id = self._sp.eos_id()
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
+        self.stop_ids = (self.eos_id,)
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -107,6 +111,7 @@ class DbrxTokenizer:
     vocab_size = DBRX_VOCAB_SIZE
     eos_id = DBRX_SPECIAL_TOKENS["<|endoftext|>"]
     pad_id = DBRX_SPECIAL_TOKENS["<|pad|>"]
+    stop_ids = DBRX_STOP_IDS
 
     def __init__(self, hf_dir: str | os.PathLike | None = None):
         if hf_dir is not None:

@@ -65,29 +65,16 @@ def main(argv):
     if not prompts:
         raise app.UsageError("pass --prompt or --prompt_ids")
     stream = tok is not None and len(prompts) == 1 and not _OUTPUT_JSON.value
-    streamed: list[int] = []
-
-    def on_token(tokens, alive):
-        if alive[0]:
-            streamed.append(int(tokens[0]))
-            sys.stdout.write(tok.decode(streamed)[len(tok.decode(streamed[:-1])) :])
-            sys.stdout.flush()
-
-    stop = (
-        gen.DBRX_STOP_IDS
-        if tok is not None and tok.vocab_size > 100000
-        else ((tok.eos_id,) if tok is not None else ())
-    )
     out = gen.generate(
         model,
         prompts,
         max_new_tokens=_MAX_NEW.value,
         key=jax.random.key(_SEED.value),
         sampling=gen.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value),
-        stop_ids=stop,
+        stop_ids=tok.stop_ids if tok is not None else (),
         vocab_limit=tok.vocab_size if tok is not None else None,
         pad_id=getattr(tok, "pad_id", 0),
-        on_token=on_token if stream else None,
+        on_token=gen.text_streamer(tok, _write) if stream else None,
     )
     ids = [
         row[:n].tolist()
@@ -101,6 +88,11 @@ def main(argv):
     if _OUTPUT_JSON.value:
         with open(_OUTPUT_JSON.value, "w") as f:
             json.dump({"prompts": prompts, "generated": ids}, f)
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

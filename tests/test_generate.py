@@ -194,3 +194,16 @@ def test_entry_point_with_token_ids(tmp_path, pair):
         assert [len(g) for g in written["generated"]] == [6, 6]
         generated.append(written["generated"])
     assert generated[0] == generated[1]
+
+
+def test_tokenizers_know_their_stop_ids_and_text_streams_whole_characters():
+    tokenizer = DbrxTokenizer()
+    assert tokenizer.stop_ids == (100257, 100279)  # <|endoftext|>, <|im_end|>
+    ids = tokenizer.encode("naïve 🦩 done")  # the flamingo is three byte-level tokens
+    written = []
+    on_token = gen.text_streamer(tokenizer, written.append)
+    for i in ids:
+        on_token(np.asarray([i, 0]), np.asarray([True, True]))
+    on_token(np.asarray([5, 0]), np.asarray([False, True]))  # row 0 has stopped: nothing
+    assert "".join(written) == "naïve 🦩 done"
+    assert all("\ufffd" not in piece for piece in written)  # no half characters shown
