@@ -3,12 +3,13 @@ MoE layers of a model run, decided once when the model is built for its mesh and
 
 `plan_moe(config, mesh)` resolves the `moe_*` knobs of a `DbrxConfig` against the devices the
 program is for (the mesh's, or the default device's without a mesh), not the host's: a mesh of
-TPU devices built on a CPU host gets the TPU plan. The choice is logged once per (config, mesh),
-and `MoEPlan.describe()` is what the training loop prints. What the plan leaves to the call is
-written in it: a call with at most `gather_max_assignments` (token, slot) assignments, a decode
-step, gathers its experts' weights instead of sorting. Nothing else is re-decided per call;
-the one choice a batch's shape forces under a mesh (too few rows to split over the batch shards)
-is logged when the step is compiled (moe/exchange.py).
+TPU devices built on a CPU host gets the TPU plan. It is resolved once per (config, mesh), its
+notes (a knob without effect, a slow choice) are logged as warnings then, the model keeps it
+(`model.plan`) and the training loop prints `MoEPlan.describe()`. What the plan leaves to the
+call is written in it: a call with at most `gather_max_assignments` (token, slot) assignments,
+a decode step, gathers its experts' weights instead of sorting. Nothing else is re-decided per
+call; the one choice a batch's shape forces under a mesh (too few rows to split over the batch
+shards) is logged when the step is compiled (moe/exchange.py).
 """
 
 from __future__ import annotations
@@ -107,8 +108,8 @@ def platform_of(mesh: Mesh | None) -> str:
 
 @functools.lru_cache(maxsize=64)
 def plan_moe(config: DbrxConfig, mesh: Mesh | None = None) -> MoEPlan:
-    """The plan for `config`'s MoE knobs on `mesh`'s devices (see the module docstring).
-    Resolved once per (config, mesh) and logged."""
+    """The plan for `config`'s MoE knobs on `mesh`'s devices (see the module docstring),
+    resolved once per (config, mesh)."""
     if mesh is not None:
         sharding.check_mesh(mesh)
     platform = platform_of(mesh)
@@ -150,7 +151,7 @@ def plan_moe(config: DbrxConfig, mesh: Mesh | None = None) -> MoEPlan:
         platform=platform,
         notes=tuple(notes),
     )
-    log.info("%s", plan.describe().split("\n")[0])
+    log.debug("%s", plan.describe().split("\n")[0])  # train.py logs it in the run's log
     for note in notes:
         log.warning("MoE plan: %s", note)
     return plan
