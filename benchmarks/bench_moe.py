@@ -63,9 +63,7 @@ def grouped_matmul(impl: str) -> gmm.GroupedMatmul | None:
     dispatch_impl, _, backend = impl.partition(":")
     if dispatch_impl != "dropless":
         return None
-    platform = jax.devices()[0].platform
-    backend = backend or gmm.default_backend(platform)
-    return gmm.GroupedMatmul(backend, interpret=backend == "megablox" and platform != "tpu")
+    return gmm.for_platform(backend or "auto", jax.devices()[0].platform)
 
 
 def moe_benchmark(

@@ -18,8 +18,7 @@ from jax.sharding import Mesh
 from benchmarks import profiling
 from dbrx_jax import Dbrx, DbrxConfig, data, flops, sharding, state, train
 from dbrx_jax.generate import generate
-
-GIB = 2.0**30
+from dbrx_jax.memory import GIB
 
 
 def time_call(fn: Callable, *args, iters: int = 5, warmup: int = 1) -> float:

@@ -55,6 +55,12 @@ RENAMED_FIELDS = {
 }
 
 
+def renamed_hint(names) -> str:
+    """The new names of any renamed knobs among `names`, as " (renamed: [...])"; "" if none."""
+    renamed = sorted(RENAMED_FIELDS[n] for n in names if n in RENAMED_FIELDS)
+    return f" (renamed: {renamed})" if renamed else ""
+
+
 def dtype_name(dtype: Any) -> str:
     """The name of a float dtype however it is spelled: "bfloat16", "bf16", jnp.bfloat16,
     np.float32, jnp.dtype("float16"), "torch.float32" or torch.float32. A ValueError names the
@@ -206,11 +212,9 @@ class DbrxConfig:
     def replace(self, **changes: Any) -> DbrxConfig:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            renamed = {RENAMED_FIELDS[k] for k in unknown if k in RENAMED_FIELDS}
-            hint = f" (renamed: {sorted(renamed)})" if renamed else ""
             raise ValueError(
-                f"unknown DbrxConfig field(s) {sorted(unknown)}{hint}; valid fields: "
-                f"{sorted(f.name for f in dataclasses.fields(self))}"
+                f"unknown DbrxConfig field(s) {sorted(unknown)}{renamed_hint(unknown)}; valid "
+                f"fields: {sorted(f.name for f in dataclasses.fields(self))}"
             )
         return dataclasses.replace(self, **changes)
 

@@ -16,7 +16,7 @@ import jax
 import ml_collections
 from ml_collections import config_dict
 
-from dbrx_jax.config import PRESETS, RENAMED_FIELDS, DbrxConfig
+from dbrx_jax.config import PRESETS, DbrxConfig, renamed_hint
 from dbrx_jax.sharding import MESH_AXES
 
 _PLACEHOLDER_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
@@ -38,8 +38,9 @@ def model_section(preset: str, **overrides) -> ml_collections.ConfigDict:
     cd = ml_collections.ConfigDict(section)
     for key, value in overrides.items():
         if key not in section:
-            renamed = f" (renamed {RENAMED_FIELDS[key]!r})" if key in RENAMED_FIELDS else ""
-            raise ValueError(f"model override {key!r} is not a DbrxConfig field{renamed}")
+            raise ValueError(
+                f"model override {key!r} is not a DbrxConfig field{renamed_hint([key])}"
+            )
         setattr(cd, key, value)
     return cd
 

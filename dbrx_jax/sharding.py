@@ -130,24 +130,19 @@ def shard_shape(shape, spec: P, axis_sizes: Mapping[str, int]) -> tuple[int, ...
     return tuple(out)
 
 
+def variable_sharding(variable, mesh: Mesh) -> NamedSharding:
+    """The NamedSharding of a variable (or plain array) on `mesh` from its `logical_axes`
+    metadata; replicated without it (optimizer counters, say)."""
+    axes = variable.get_metadata("logical_axes", None) if _is_variable(variable) else None
+    value = variable.get_value() if _is_variable(variable) else variable
+    if axes is None or len(axes) != len(value.shape):
+        return NamedSharding(mesh, P())
+    return NamedSharding(mesh, logical_to_spec(axes, value.shape, mesh.shape))
+
+
 def param_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
-    """NamedShardings for every variable of `state` from its `logical_axes` metadata
-    (variables without it, e.g. optimizer counters, are replicated)."""
-
-    def sharding(variable):
-        axes = (
-            variable.get_metadata("logical_axes", None)
-            if isinstance(variable, nnx.Variable)
-            else None
-        )
-        value = variable.get_value() if isinstance(variable, nnx.Variable) else variable
-        if axes is None or len(axes) != len(value.shape):
-            spec = P()
-        else:
-            spec = logical_to_spec(axes, value.shape, mesh.shape)
-        return NamedSharding(mesh, spec)
-
-    return jax.tree.map(sharding, state, is_leaf=_is_variable)
+    """`variable_sharding` of every variable of `state`."""
+    return jax.tree.map(lambda v: variable_sharding(v, mesh), state, is_leaf=_is_variable)
 
 
 def _is_variable(x) -> bool:

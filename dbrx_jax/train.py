@@ -253,14 +253,14 @@ class _Run:
     nonfinite_run: int = 0
     last_log: tuple[int, float] = (0, 0.0)  # (step, time)
     metrics: dict | None = None  # the latest step's, on the device
+    jitter_key: jax.Array | None = None  # the router jitter's base key (moe_jitter_eps > 0)
 
     # -- the pieces of one iteration ---------------------------------------------------------
 
     def step(self, step: int) -> None:
         """Runs training step `step` (0-based) without waiting for it."""
         batch = sharding.shard_batch(next(self.train_iter), self.mesh)
-        jitter = self.run_config.model.moe_jitter_eps
-        key = jax.random.fold_in(jax.random.key(self.config.seed), step) if jitter else None
+        key = None if self.jitter_key is None else jax.random.fold_in(self.jitter_key, step)
         self.params, self.opt_state, self.metrics = self.train_step(
             self.params, self.opt_state, batch, key
         )
@@ -422,6 +422,7 @@ def _start_run(config: ml_collections.ConfigDict, workdir: str, progress: bool) 
         writer=writer,
         schedule=learning_rate_schedule(config),
         last_log=(first_step, time.perf_counter()),
+        jitter_key=jax.random.key(config.seed) if model_config.moe_jitter_eps else None,
     )
 
 

@@ -37,9 +37,7 @@ def _problem(T, k, routing, seed=0):
 
 def _grouped_matmul(backend: str) -> gmm.GroupedMatmul:
     """A backend as the plan would run it here (megablox off TPU: interpreted)."""
-    return gmm.GroupedMatmul(
-        backend, interpret=backend == "megablox" and jax.default_backend() != "tpu"
-    )
+    return gmm.for_platform(backend, jax.default_backend())
 
 
 def _value_and_grads(name, ids, args, cotangent, capacity_factor=None, fused=False):

@@ -157,7 +157,9 @@ def test_config_typos_fail_loudly():
         experiment.model_section("dbrx-tiny", n_layer=3)
     with pytest.raises(ValueError, match="batch_size=10: expected a multiple of grad_accum"):
         experiment.validate(_tiny_config(batch_size=10, grad_accum_steps=4))
-    with pytest.raises(ValueError, match="'gmm_impl' is not a DbrxConfig field .renamed 'moe_gmm"):
+    with pytest.raises(
+        ValueError, match=r"'gmm_impl' is not a DbrxConfig field \(renamed: \['moe_gmm_impl'\]\)"
+    ):
         experiment.model_section("dbrx-tiny", gmm_impl="blocked")
 
 

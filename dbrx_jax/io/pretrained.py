@@ -94,8 +94,7 @@ def _load_param(
 def _place(value: np.ndarray, variable: nnx.Param, mesh: Mesh | None) -> jax.Array:
     if mesh is None:
         return jnp.asarray(value)
-    spec = sharding.logical_to_spec(variable.get_metadata("logical_axes"), value.shape, mesh.shape)
-    return jax.device_put(value, jax.sharding.NamedSharding(mesh, spec))
+    return jax.device_put(value, sharding.variable_sharding(variable, mesh))
 
 
 def param_variables(model: Dbrx) -> dict[tuple[str, ...], nnx.Param]:
@@ -114,14 +113,16 @@ def _abstract_params(config: DbrxConfig, mesh: Mesh | None):
 
 def _from_export(path: str, dtype, param_dtype, mesh: Mesh | None, overrides) -> Dbrx:
     stored = checkpoint.load_export_config(path)
-    params = checkpoint.restore_params(path, _abstract_params(stored, mesh)[1])
+    graphdef, abstract = _abstract_params(stored, mesh)
+    params = checkpoint.restore_params(path, abstract)
     changes = dict(overrides)
     if dtype is not None:
         changes.update(dtype=dtype, param_dtype=param_dtype or dtype)
     elif param_dtype is not None:
         changes.update(param_dtype=param_dtype)
     config = stored.replace(**changes)
-    graphdef, _ = _abstract_params(config, mesh)
+    if config != stored:  # the model's graph holds its config
+        graphdef, _ = _abstract_params(config, mesh)
     return nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(config.weight_dtype), params))
 
 

@@ -27,7 +27,6 @@ class DbrxBlock(nnx.Module):
         self.attn = Attention(config, rngs=rngs)
         self.norm_2 = LayerNorm(config)
         self.ffn = MoE(config, rngs=rngs, plan=plan)
-        self.mesh = plan.mesh
 
     def __call__(
         self,
@@ -43,4 +42,4 @@ class DbrxBlock(nnx.Module):
         attn_BTD, cache = self.attn(self.norm_1(h_BTD), cos_BTH, sin_BTH, mask_B1TS, cache)
         h_BTD = h_BTD + attn_BTD
         moe = self.ffn(self.norm_2(h_BTD), jitter_key)
-        return constrain(h_BTD + moe.y_BTD, ACTIVATION_AXES, self.mesh), moe.router, cache
+        return constrain(h_BTD + moe.y_BTD, ACTIVATION_AXES, self.ffn.plan.mesh), moe.router, cache

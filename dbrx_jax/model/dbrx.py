@@ -116,8 +116,7 @@ class Dbrx(nnx.Module):
                 "True) before the model is built"
             )
         self.config = config
-        self.mesh = mesh
-        self.plan = plan_moe(config, mesh)
+        self.plan = plan_moe(config, mesh)  # holds the mesh too (`self.mesh`)
         std = config.initializer_range
         V, D = config.vocab_size, config.d_model
         self.wte = param(rngs, (V, D), ("vocab", "embed"), config, std=std)
@@ -201,6 +200,11 @@ class Dbrx(nnx.Module):
         table_VD = constrain(self.wte[...], ("vocab", "act_embed"), self.mesh)
         h_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(self.config.compute_dtype)
         return constrain(h_BTD, ACTIVATION_AXES, self.mesh)
+
+    @property
+    def mesh(self) -> Mesh | None:
+        """The mesh the model was built for (None: one device)."""
+        return self.plan.mesh
 
     def on_mesh(self, mesh: Mesh | None) -> Dbrx:
         """This model's parameters as a model built for `mesh`: laid out by the sharding rules,

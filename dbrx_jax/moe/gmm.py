@@ -46,6 +46,13 @@ def default_backend(platform: str) -> str:
     return "blocked" if platform == "cpu" else "ragged_dot"
 
 
+def for_platform(name: str, platform: str) -> GroupedMatmul:
+    """The grouped GEMM `name` (a backend, or "auto") stands for on `platform`: "auto" is that
+    platform's default, and megablox runs in Pallas' interpreter off TPU."""
+    backend = default_backend(platform) if name == "auto" else name
+    return GroupedMatmul(backend, interpret=backend == "megablox" and platform != "tpu")
+
+
 TOKAMAX_MISSING = (
     "the 'tokamax' grouped GEMM needs the tokamax package (pip install tokamax; jax >= 0.11.1), "
     "which is not installed; XLA densifies jax.lax.ragged_dot on GPU. Install it, or set "

@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from dbrx_jax import sharding
 from dbrx_jax.config import DbrxConfig
-from dbrx_jax.moe.gmm import TOKAMAX_MISSING, GroupedMatmul, default_backend, tokamax_available
+from dbrx_jax.moe.gmm import TOKAMAX_MISSING, GroupedMatmul, for_platform, tokamax_available
 
 log = logging.getLogger(__name__)
 
@@ -125,14 +125,11 @@ def plan_moe(config: DbrxConfig, mesh: Mesh | None = None) -> MoEPlan:
         notes.append(f"moe_exchange has no effect: {dispatch} dispatch is partitioned by GSPMD")
     gmm = None
     if dispatch == "dropless":
-        backend = config.moe_gmm_impl
-        if backend == "auto":
-            backend = default_backend(platform)
-        elif backend == "ragged_dot" and platform in ("gpu", "cpu"):
+        gmm = for_platform(config.moe_gmm_impl, platform)
+        if config.moe_gmm_impl == "ragged_dot" and platform in ("gpu", "cpu"):
             notes.append(f"moe_gmm_impl='ragged_dot': XLA densifies it on {platform} (slow)")
-        if backend == "tokamax" and not tokamax_available():
+        if gmm.backend == "tokamax" and not tokamax_available():
             notes.append(f"the first MoE call will fail: {TOKAMAX_MISSING}")
-        gmm = GroupedMatmul(backend, interpret=backend == "megablox" and platform != "tpu")
         if gmm.interpret:
             notes.append(f"megablox runs in Pallas' interpreter on {platform} (slow: for tests)")
     elif config.moe_gmm_impl != "auto":
