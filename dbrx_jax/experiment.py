@@ -11,6 +11,8 @@ means "the preset's value" (so a field cannot be set to None from the command li
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 
 import jax
 import ml_collections
@@ -93,15 +95,14 @@ def base_config() -> ml_collections.ConfigDict:
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """The config has exactly the schema's keys (each misspelling named with the valid keys)
-    and sensible values."""
+    and sensible values: every number in its range (those a wrong value of would silently harm
+    the run), and `seq_len` within the model's `max_seq_len`."""
     schema = base_config()
     _same_keys(config, schema, "config")
     for section in ("model", "mesh", "data"):
         _same_keys(config[section], schema[section], f"config.{section}")
 
-    def need(ok, key, expected):
-        if not ok:
-            raise ValueError(f"config.{key}={config[key]!r}: expected {expected}")
+    need = functools.partial(_need, config)
 
     for key in (
         "total_steps",
@@ -113,7 +114,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     ):
         need(isinstance(config[key], int) and config[key] > 0, key, "a positive int")
     need(config.optimizer in ("adamw", "lion"), "optimizer", "'adamw' or 'lion'")
-    need(config.learning_rate > 0, "learning_rate", "a positive number")
+    need(
+        config.learning_rate > 0 and math.isfinite(config.learning_rate),
+        "learning_rate",
+        "a finite positive number",
+    )
     need(
         0 <= config.warmup_steps < config.total_steps,
         "warmup_steps",
@@ -124,6 +129,81 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "batch_size",
         f"a multiple of grad_accum_steps={config.grad_accum_steps}",
     )
+    _check_ranges(config)
+    _check_lengths(config, model_config(config.model))
+
+
+def _need(config: ml_collections.ConfigDict, ok: bool, key: str, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"config.{key}={config[key]!r}: expected {expected}")
+
+
+def _check_ranges(config: ml_collections.ConfigDict) -> None:
+    """The numeric keys a wrong value of would silently harm the run (NaN fails every one)."""
+    need = functools.partial(_need, config)
+    for key in ("checkpoint_every_steps", "eval_every_steps", "data.packing_bins"):
+        need(_is_int(config[key]) and config[key] >= 0, key, "an int >= 0 (0: off)")
+    need(
+        _is_int(config["data.worker_count"]) and config["data.worker_count"] >= 0,
+        "data.worker_count",
+        "an int >= 0 (0: a prefetch thread)",
+    )
+    for key in ("max_nonfinite_steps", "sample_tokens", "data.spm_vocab_size"):
+        need(_is_int(config[key]) and config[key] > 0, key, "a positive int")
+    if config.checkpoint_every_steps > 0:
+        need(
+            _is_int(config.keep_checkpoints) and config.keep_checkpoints >= 1,
+            "keep_checkpoints",
+            "an int >= 1 when checkpoint_every_steps > 0 (0 would delete every checkpoint)",
+        )
+    need(0 <= config.min_lr_ratio <= 1, "min_lr_ratio", "a number in [0, 1]")
+    need(
+        0 < config.grad_clip < math.inf,
+        "grad_clip",
+        "a finite positive number (a global norm; 0 would zero every update)",
+    )
+    for key in ("b1", "b2"):
+        need(0 <= config[key] < 1, key, "a number in [0, 1)")
+    need(0 <= config.weight_decay < math.inf, "weight_decay", "a finite number >= 0")
+    need(
+        0 <= config.data.eval_fraction <= 0.5,
+        "data.eval_fraction",
+        "a number in [0, 0.5] (every round(1 / eval_fraction)-th document, at most every second, "
+        "is held out)",
+    )
+    if config.eval_every_steps > 0:
+        need(
+            config.data.eval_fraction > 0,
+            "data.eval_fraction",
+            "> 0 when eval_every_steps > 0 (no eval split otherwise); or eval_every_steps=0",
+        )
+    if config.keep_best_checkpoint:
+        need(
+            config.eval_every_steps > 0,
+            "keep_best_checkpoint",
+            "False when eval_every_steps=0 (the best is by eval loss)",
+        )
+
+
+def _check_lengths(config: ml_collections.ConfigDict, model: DbrxConfig) -> None:
+    """Sequence lengths against the context the model is built for (`max_seq_len`)."""
+    need = functools.partial(_need, config)
+    need(
+        config.seq_len <= model.max_seq_len,
+        "seq_len",
+        f"at most the model's max_seq_len={model.max_seq_len} (lower seq_len or raise "
+        "config.model.max_seq_len)",
+    )
+    if config.sample_prompts:
+        need(
+            config.sample_tokens < model.max_seq_len,
+            "sample_tokens",
+            f"less than the model's max_seq_len={model.max_seq_len}, leaving room for the prompt",
+        )
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def process_batch_size(config: ml_collections.ConfigDict) -> int:

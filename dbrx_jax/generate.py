@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import reprlib
 from collections.abc import Callable, Sequence
 
 import jax
@@ -23,21 +25,132 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from dbrx_jax.config import DbrxConfig
 from dbrx_jax.model import Dbrx, KVCache
 from dbrx_jax.tokenizer import Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """temperature 0 is greedy; top_k 0 and top_p 1.0 switch those filters off."""
+    """temperature 0 is greedy; top_k 0 and top_p 1.0 switch those filters off. Each value is
+    checked here (NaN and infinities too); top_k against the vocabulary by `check_request`."""
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
 
     def __post_init__(self):
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"{self}: expected temperature >= 0, top_k >= 0, 0 < top_p <= 1")
+        t, k, p = self.temperature, self.top_k, self.top_p
+        finite = _is_number(t) and math.isfinite(t)
+        _need(finite and t >= 0, "temperature", t, "a finite number >= 0 (0: greedy)")
+        _need(_is_int(k) and k >= 0, "top_k", k, "an int >= 0 (0: off)")
+        _need(_is_number(p) and 0 < p <= 1, "top_p", p, "a number in (0, 1] (1.0: off)")
+
+
+def _need(ok: bool, name: str, value, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={reprlib.repr(value)}: expected {expected}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def _is_sequence(x) -> bool:
+    if isinstance(x, np.ndarray):
+        return x.ndim >= 1
+    return isinstance(x, Sequence) and not isinstance(x, (str, bytes))
+
+
+def check_request(
+    config: DbrxConfig,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    vocab_limit: int | None = None,
+    *,
+    stop_ids: Sequence[int] = (),
+    pad_id: int = 0,
+) -> None:
+    """Checks the arguments of `generate` against the model's config before anything is
+    compiled: a ValueError names the argument (as experiments/generate.py's flags do) and what
+    was expected, so that no request is answered with nonsense.
+
+    Token ids (prompts and stop ids) are ints in [0, vocab), vocab being `vocab_limit` (the
+    tokenizer's ids) if given, else `config.vocab_size`; `pad_id` indexes the embedding. The
+    longest prompt plus `max_new_tokens` fits in `config.max_seq_len`, the context the model
+    was built for (to go past it on purpose, load the model with a larger `max_seq_len`)."""
+    _need(
+        vocab_limit is None or (_is_int(vocab_limit) and 1 <= vocab_limit <= config.vocab_size),
+        "vocab_limit",
+        vocab_limit,
+        f"None or an int in [1, {config.vocab_size}] (the model's vocab_size)",
+    )
+    vocab = config.vocab_size if vocab_limit is None else vocab_limit
+    bound = "vocab_limit" if vocab_limit is not None else "the model's vocab_size"
+    ids = f"a token id, an int in [0, {vocab}) ({bound})"
+    _check_prompts(prompts)
+    for row, prompt in enumerate(prompts):
+        for position, token in enumerate(prompt):
+            _need(
+                _is_int(token) and 0 <= token < vocab, f"prompt_ids[{row}][{position}]", token, ids
+            )
+    _need(
+        _is_int(max_new_tokens) and max_new_tokens > 0,
+        "max_new_tokens",
+        max_new_tokens,
+        "a positive int",
+    )
+    longest = max(range(len(prompts)), key=lambda row: len(prompts[row]))
+    T, limit = len(prompts[longest]), config.max_seq_len
+    if T >= limit:
+        raise ValueError(
+            f"prompt_ids[{longest}] has {T} tokens: expected at most {limit - 1} (the model's "
+            f"max_seq_len={limit}, less one new token); shorten the prompt"
+        )
+    if T + max_new_tokens > limit:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens}: expected at most {limit - T}, so that the longest "
+            f"prompt (prompt_ids[{longest}], {T} tokens) plus the new tokens fit in the model's "
+            f"max_seq_len={limit}; lower max_new_tokens (or shorten the prompt)"
+        )
+    _need(isinstance(sampling, Sampling), "sampling", sampling, "a generate.Sampling")
+    _need(
+        sampling.top_k <= vocab,
+        "top_k",
+        sampling.top_k,
+        f"an int in [0, {vocab}] ({bound}; 0: off)",
+    )
+    _need(_is_sequence(stop_ids), "stop_ids", stop_ids, "a sequence of token ids (possibly empty)")
+    for i, token in enumerate(stop_ids):
+        _need(_is_int(token) and 0 <= token < vocab, f"stop_ids[{i}]", token, ids)
+    _need(
+        _is_int(pad_id) and 0 <= pad_id < config.vocab_size,
+        "pad_id",
+        pad_id,
+        f"an int in [0, {config.vocab_size}) (the model's vocab_size)",
+    )
+
+
+def _check_prompts(prompts) -> None:
+    """A non-empty sequence of non-empty sequences (what each id is, check_request checks)."""
+    _need(
+        _is_sequence(prompts) and len(prompts) > 0,
+        "prompt_ids",
+        prompts,
+        "at least one prompt, a list of lists of token ids",
+    )
+    for row, prompt in enumerate(prompts):
+        _need(
+            _is_sequence(prompt) and len(prompt) > 0,
+            f"prompt_ids[{row}]",
+            prompt,
+            "a prompt of at least one token id (a list of ints)",
+        )
 
 
 def sample(
@@ -77,8 +190,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 8):
     """tokens [B, T] and segment ids [B, T] (1 for the prompt, 0 for padding) with every prompt
     flush right; T is rounded up to a multiple of `multiple` so that nearby lengths share a
     compiled program."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+    _check_prompts(prompts)
     T = -(-max(len(p) for p in prompts) // multiple) * multiple
     tokens = np.full((len(prompts), T), pad_id, np.int32)
     segment_ids = np.zeros((len(prompts), T), np.int32)
@@ -102,7 +214,17 @@ def generate(
 ) -> Generated:
     """Generates up to `max_new_tokens` for each prompt (lists of token ids).
 
-    on_token(tokens_B, alive_B): called on the host with every step's tokens (streaming)."""
+    on_token(tokens_B, alive_B): called on the host with every step's tokens (streaming).
+    Every argument is checked first (`check_request`)."""
+    check_request(
+        model.config,
+        prompts,
+        max_new_tokens,
+        sampling,
+        vocab_limit,
+        stop_ids=stop_ids,
+        pad_id=pad_id,
+    )
     tokens, segment_ids = left_pad(prompts, pad_id)
     key = jax.random.key(0) if key is None else key
     graphdef, state = nnx.split(model)

@@ -38,6 +38,9 @@ _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write the generated ids
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # What needs no model is checked before loading one (the rest: generate.check_request).
+    prompts = [_ids(group) for flag in _PROMPT_IDS.value for group in flag.split(";") if group]
+    sampling = gen.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
     mesh = sharding.make_mesh(sharding.parse_mesh(_MESH.value)) if _MESH.value else None
     model = dbrx_jax.from_pretrained(_CHECKPOINT.value, mesh=mesh)  # straight into its shards
     config = model.config
@@ -46,12 +49,6 @@ def main(argv):
         if _TOKENIZER.value
         else tokenizer_for_checkpoint(_CHECKPOINT.value, config.vocab_size)
     )
-    prompts = [
-        [int(i) for i in group.split(",")]
-        for flag in _PROMPT_IDS.value
-        for group in flag.split(";")
-        if group
-    ]
     for text in _PROMPT.value:
         if tok is None:
             raise app.UsageError(
@@ -70,7 +67,7 @@ def main(argv):
         prompts,
         max_new_tokens=_MAX_NEW.value,
         key=jax.random.key(_SEED.value),
-        sampling=gen.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value),
+        sampling=sampling,
         stop_ids=tok.stop_ids if tok is not None else (),
         vocab_limit=tok.vocab_size if tok is not None else None,
         pad_id=getattr(tok, "pad_id", 0),
@@ -88,6 +85,16 @@ def main(argv):
     if _OUTPUT_JSON.value:
         with open(_OUTPUT_JSON.value, "w") as f:
             json.dump({"prompts": prompts, "generated": ids}, f)
+
+
+def _ids(group: str) -> list[int]:
+    try:
+        return [int(i) for i in group.split(",")]
+    except ValueError:
+        raise app.UsageError(
+            f"--prompt_ids={group!r}: expected comma-separated ints, e.g. 1,2,3 (';' between "
+            "prompts)"
+        ) from None
 
 
 def _write(text: str) -> None:
