@@ -1,0 +1,210 @@
+"""The rules every reader and writer of a model directory follows, in one place.
+
+Reading. A name found inside a checkpoint (a safetensors index's `weight_map`, ...) is a file
+of that checkpoint's directory: `member` refuses an absolute name, `..` and anything else that
+would resolve outside it, before anything is opened. (Symbolic links the directory holds are
+followed: Hugging Face's cache is made of them, and they were put there by its owner, not read
+from a file.) `read_json` names the file in every error.
+
+Writing. `output_directory` is the one overwrite rule of the converter and of exports:
+  1. An output that is one of the inputs, holds one, or lies inside one is refused, with or
+     without `overwrite` (replacing it would delete what is being read).
+  2. An existing output is replaced only with `overwrite`, and only if it is an output of the
+     same kind (an HF checkpoint for jax_to_hf, an export for an export). Anything else, an HF
+     checkpoint where an export goes, a training workdir, a directory of other files, is never
+     replaced. An empty directory is used without asking: there is nothing in it to lose.
+  3. Everything is written into `<output>.partial` and renamed into place when complete, so a
+     failed or interrupted write never leaves a directory that looks complete. An existing
+     output is renamed aside first and deleted only once the new one is in place.
+  4. The partial directory is removed when the write fails or is interrupted (Ctrl-C, or
+     SIGTERM through dbrx_jax.cli). One left by a killed process (SIGKILL, a power cut) is
+     removed by the next write to the same output; a partial directory whose writer is still
+     running on this host is refused instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import socket
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PARTIAL_SUFFIX = ".partial"
+_OWNER_FILE = ".writer"  # inside the partial directory: "<host> <pid>"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading.
+
+
+def member(directory: str | os.PathLike, name: Any, source: str) -> str:
+    """The path of `name`, a file of `directory` named by `source` (the file that listed it),
+    or a ValueError if the name could reach outside the directory."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise ValueError(f"{source}: {name!r} is not a file name")
+    parts = name.replace("\\", "/").split("/")
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+        raise ValueError(
+            f"{source}: {name!r} points outside {os.fspath(directory)}; expected the name of "
+            "a file in that directory"
+        )
+    return os.path.join(os.fspath(directory), *(p for p in parts if p not in ("", ".")))
+
+
+def read_json(path: str | os.PathLike, what: str = "a JSON object") -> dict[str, Any]:
+    """A JSON file holding an object; every error names the file and `what` was expected."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file (expected {what})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); expected {what}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected {what}, found a JSON {type(value).__name__}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing.
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputKind:
+    """What an output directory is (`name`, for messages) and how to recognise an existing one
+    that `overwrite` may replace."""
+
+    name: str
+    recognise: Callable[[str], bool]
+
+
+def _real(path: str | os.PathLike) -> str:
+    return os.path.realpath(os.path.abspath(os.fspath(path)))
+
+
+def _inside(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def check_output(
+    output: str | os.PathLike,
+    *,
+    inputs: Sequence[str | os.PathLike],
+    kind: OutputKind,
+    overwrite: bool,
+) -> None:
+    """Rules 1 and 2 of the module docstring: raises if writing `output` could destroy an input
+    or something the user did not ask to replace."""
+    output = os.fspath(output)
+    target = _real(output)
+    for source in inputs:
+        real = _real(source)
+        if _inside(target, real) or _inside(real, target):
+            raise ValueError(
+                f"output {output} overlaps the input {os.fspath(source)}; writing it would "
+                "destroy what is being read. Choose an output outside the input."
+            )
+    if not os.path.lexists(output):
+        return
+    if not os.path.isdir(output) or os.path.islink(output):
+        raise FileExistsError(f"output {output} exists and is not a directory; not replacing it")
+    if not os.listdir(output):
+        return
+    if not overwrite:
+        raise FileExistsError(f"output {output} exists; pass --overwrite to replace it")
+    if not kind.recognise(output):
+        entries = sorted(os.listdir(output))
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise FileExistsError(
+            f"output {output} exists and is not {kind.name} (it holds {shown}); not replacing "
+            "it, even with --overwrite. Choose another output, or remove it yourself."
+        )
+
+
+def _writer_alive(partial: str) -> bool:
+    """Whether the process that created `partial` is still running on this host."""
+    try:
+        with open(os.path.join(partial, _OWNER_FILE)) as f:
+            host, pid = f.read().split()
+        if host != socket.gethostname():
+            return False
+        os.kill(int(pid), 0)
+    except (OSError, ValueError):
+        return False
+    return int(pid) != os.getpid()
+
+
+def _start_partial(output: str) -> str:
+    partial = output + PARTIAL_SUFFIX
+    if os.path.lexists(partial):
+        if _writer_alive(partial):
+            raise FileExistsError(
+                f"{partial}: another process on this host is writing {output}; wait for it"
+            )
+        log.warning("removing %s, left by an interrupted write", partial)
+        shutil.rmtree(partial)
+    os.makedirs(partial)
+    with open(os.path.join(partial, _OWNER_FILE), "w") as f:
+        f.write(f"{socket.gethostname()} {os.getpid()}")
+    return partial
+
+
+def _finish(partial: str, output: str) -> None:
+    os.remove(os.path.join(partial, _OWNER_FILE))
+    if os.path.lexists(output):
+        old = output + ".replaced"
+        if os.path.lexists(old):
+            shutil.rmtree(old)
+        os.rename(output, old)
+        os.rename(partial, output)
+        shutil.rmtree(old)
+    else:
+        os.rename(partial, output)
+
+
+@contextlib.contextmanager
+def output_directory(
+    output: str | os.PathLike,
+    *,
+    inputs: Sequence[str | os.PathLike],
+    kind: OutputKind,
+    overwrite: bool = False,
+    primary: bool = True,
+    barrier: Callable[[str], None] | None = None,
+) -> Iterator[str]:
+    """Yields the directory to write `output` into (`<output>.partial`), following the rules of
+    the module docstring; it becomes `output` only if the block completes.
+
+    Multi-process writers (an Orbax save on every host) pass `primary` (True on one process:
+    the one that checks, creates and renames) and `barrier(name)`, which waits for every
+    process; all of them yield the same path."""
+    output = os.path.abspath(os.fspath(output))
+    partial = output + PARTIAL_SUFFIX
+    if primary:
+        check_output(output, inputs=inputs, kind=kind, overwrite=overwrite)
+        parent = os.path.dirname(output)
+        if not os.path.isdir(parent):
+            raise FileNotFoundError(f"output {output}: its parent directory does not exist")
+        _start_partial(output)
+    if barrier is not None:
+        barrier("output_directory: started")
+    try:
+        yield partial
+        if barrier is not None:
+            barrier("output_directory: written")
+    except BaseException:
+        if primary:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if primary:
+        _finish(partial, output)
+    if barrier is not None:
+        barrier("output_directory: in place")
