@@ -3,7 +3,8 @@ run's comes from, and how it leaves as an export. Training (train.py) and the ex
 both come here, so neither imports the other.
 
 A run's workdir holds `config.json` (`RunConfig`: the experiment, the model, the tokenizer) and
-`checkpoints/<step>/` (io/checkpoint.py).
+`checkpoints/<step>/` (io/checkpoint.py), each of which stores the RunConfig it was saved with:
+that copy, not config.json, is what a resume is checked against and an export is built from.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from jax.sharding import Mesh
 
 from dbrx_jax import sharding
 from dbrx_jax.config import DbrxConfig
-from dbrx_jax.io import checkpoint
+from dbrx_jax.io import checkpoint, files
 from dbrx_jax.io.pretrained import load_params
 from dbrx_jax.model import Dbrx
 from dbrx_jax.optim import make_optimizer
@@ -68,21 +69,23 @@ def initial_state(
     data_iterator,
     init_from: str = "",
     seed: int = 0,
+    run_config: RunConfig | None = None,
 ):
     """(graphdef, first step, params, opt_state) of a run: its latest checkpoint that restores
-    (checked to be of the same model; `data_iterator` moves to where it was), else `init_from`'s
-    parameters with a new optimizer, else a new model."""
+    (`data_iterator` moves to where it was), else `init_from`'s parameters with a new optimizer,
+    else a new model. Checkpoints are checked against `run_config` (else `model_config`'s
+    architecture) and the state this run makes; a checkpoint that does not fit, or cannot be
+    read, raises (checkpoint.Checkpointer.restore_latest), and with checkpoints present but none
+    restoring the run never starts over."""
     graphdef, abstract_params, abstract_opt = abstract_train_state(model_config, tx, mesh)
     if checkpointer is not None and checkpointer.steps():
-        for step in reversed(checkpointer.steps()):
-            try:
-                stored = checkpointer.stored_config(step)
-            except Exception:  # unreadable: restore_latest will skip it too
-                continue
-            checkpoint.check_same_model(stored, model_config, checkpointer.directory)
-            break
+        expected = (
+            run_config.to_json_dict()
+            if run_config is not None
+            else {"architecture": model_config.architecture()}
+        )
         abstract = {"params": abstract_params, "opt_state": abstract_opt}
-        step, state = checkpointer.restore_latest(abstract, data_iterator)
+        step, state = checkpointer.restore_latest(abstract, data_iterator, expected)
         if step is not None:
             log.info("resumed from %s/%d", checkpointer.directory, step)
             return graphdef, step, state["params"], state["opt_state"]
@@ -112,32 +115,51 @@ class RunConfig:
         return json.loads(json.dumps(run, default=str))  # JSON types only (Orbax stores it)
 
     def write(self, workdir: str) -> None:
+        """workdir/config.json, replaced whole (never left half-written)."""
         if jax.process_index() == 0:
-            with open(os.path.join(workdir, RUN_CONFIG), "w") as f:
+            path = os.path.join(workdir, RUN_CONFIG)
+            with open(path + ".tmp", "w") as f:
                 json.dump(self.to_json_dict(), f, indent=2)
+            os.replace(path + ".tmp", path)
 
     @classmethod
-    def read(cls, workdir: str) -> RunConfig:
-        path = os.path.join(workdir, RUN_CONFIG)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no run config (is {workdir} a training workdir?)")
-        with open(path) as f:
-            run = json.load(f)
+    def from_json_dict(cls, run: dict[str, Any]) -> RunConfig:
         return cls(
             experiment=ml_collections.ConfigDict(run["experiment"]),
             model=DbrxConfig.from_dict(run["model"]),
             tokenizer=run.get("tokenizer", ""),
         )
 
+    @classmethod
+    def read(cls, workdir: str) -> RunConfig:
+        path = os.path.join(workdir, RUN_CONFIG)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no run config (is {workdir} a training workdir?)")
+        run = files.read_json(path, "a training run's config")
+        try:
+            return cls.from_json_dict(run)
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a training run's config ({e!r})") from None
 
-def export_from_workdir(workdir: str, output: str, step: int | None = None) -> int:
+
+def export_from_workdir(
+    workdir: str, output: str, step: int | None = None, *, overwrite: bool = False
+) -> int:
     """Exports the parameters of a run's checkpoint (the latest, or `step`) for
-    `from_pretrained` and `init_from`. Returns the step exported."""
-    run = RunConfig.read(workdir)
-    tx = make_optimizer(run.experiment)
-    mesh = sharding.make_mesh({"data": -1})
-    _, params, opt_state = abstract_train_state(run.model, tx, mesh)
-    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINTS))
+    `from_pretrained` and `init_from`. Returns the step exported. The model and optimizer are
+    the ones the checkpoint was saved with (its `config` item; workdir/config.json only for a
+    checkpoint saved without one), so a later run's config.json cannot block the export.
+    `output` follows io/files.py's rule (checked before anything is read): never inside the
+    checkpoints, an existing export replaced only with `overwrite`."""
+    directory = os.path.join(workdir, CHECKPOINTS)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"{directory}: no such directory (is {workdir} a training workdir, with "
+            f"{RUN_CONFIG} and {CHECKPOINTS}/?)"
+        )
+    inputs = [directory, os.path.join(workdir, RUN_CONFIG)]
+    files.check_output(output, inputs=inputs, kind=checkpoint.EXPORT_OUTPUT, overwrite=overwrite)
+    checkpointer = checkpoint.Checkpointer(directory)
     try:
         steps = checkpointer.steps()
         if not steps:
@@ -145,8 +167,16 @@ def export_from_workdir(workdir: str, output: str, step: int | None = None) -> i
         step = steps[-1] if step is None else step
         if step not in steps:
             raise ValueError(f"{workdir}/{CHECKPOINTS} has no step {step}; its steps: {steps}")
+        stored = checkpointer.stored_config(step)
+        saved_with = stored is not None and {"experiment", "model"} <= stored.keys()
+        run = RunConfig.from_json_dict(stored) if saved_with else RunConfig.read(workdir)
+        tx = make_optimizer(run.experiment)
+        mesh = sharding.make_mesh({"data": -1})
+        _, params, opt_state = abstract_train_state(run.model, tx, mesh)
         restored = checkpointer.restore_state(step, {"params": params, "opt_state": opt_state})
     finally:
         checkpointer.close()
-    checkpoint.export_params(restored["params"], run.model, output)
+    checkpoint.export_params(
+        restored["params"], run.model, output, inputs=inputs, overwrite=overwrite
+    )
     return step

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import os
 import signal
@@ -186,14 +187,38 @@ def make_eval_step(graphdef):
 
 
 def evaluate(eval_step, params, eval_dataset, mesh, max_batches: int) -> float:
-    """Mean next-token cross-entropy over the first `max_batches` held-out batches."""
+    """Mean next-token cross-entropy over the first `max_batches` held-out batches (an eval set
+    without a batch is an error, not a loss of 0)."""
     ce_sum = count = 0.0
-    for i, batch in enumerate(eval_dataset):
-        if i == max_batches:
-            break
+    batches = 0
+    for batch in itertools.islice(eval_dataset, max_batches):
         s, n = eval_step(params, sharding.shard_batch(batch, mesh))
-        ce_sum, count = ce_sum + float(s), count + float(n)
+        ce_sum, count, batches = ce_sum + float(s), count + float(n), batches + 1
+    if not batches:
+        raise ValueError("the eval split yielded no batch: there is nothing to evaluate")
     return ce_sum / max(count, 1.0)
+
+
+def check_eval_split(config: ml_collections.ConfigDict, make_eval_dataset: Callable) -> None:
+    """When the run evaluates, its eval split must yield a batch: checked before the first step,
+    rather than found at the first evaluation, perhaps after the last step."""
+    if not config.eval_every_steps:
+        return
+    fix = (
+        f"raise config.data.eval_fraction (now {config.data.eval_fraction}), give "
+        "config.data.source more documents, lower config.batch_size or config.seq_len, or set "
+        "config.eval_every_steps=0"
+    )
+    try:
+        batch = next(iter(make_eval_dataset()), None)
+    except ValueError as e:  # an empty split (data.make_dataset)
+        raise ValueError(f"config.data.source={config.data.source!r}: {e}; {fix}") from e
+    if batch is None:
+        raise ValueError(
+            f"the eval split of config.data.source={config.data.source!r} yields no full batch "
+            f"({experiment.process_batch_size(config)} rows of {config.seq_len + 1} tokens per "
+            f"process); {fix}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,15 +325,24 @@ class _Run:
         self.writer.write(done, {k: v for k, v in metrics.items() if v is not None})
 
     def maybe_evaluate(self, done: int) -> float | None:
+        """The eval loss when due. Evaluation comes before the save so the checkpoint carries
+        its eval loss (what keep_best_checkpoint ranks by); if it fails, the state is saved
+        first (without one), so a failed evaluation never costs the steps since the last save."""
         if not _due(done, self.config.eval_every_steps, self.config.total_steps):
             return None
-        eval_loss = evaluate(
-            self.eval_step,
-            self.params,
-            self.datasets["eval"](),
-            self.mesh,
-            self.config.eval_batches,
-        )
+        try:
+            eval_loss = evaluate(
+                self.eval_step,
+                self.params,
+                self.datasets["eval"](),
+                self.mesh,
+                self.config.eval_batches,
+            )
+        except Exception:
+            if self.checkpointer is not None:
+                log.error("evaluation after step %d failed; saving the state first", done)
+                self.save(done, None)
+            raise
         self.eval_history.append((done, eval_loss))
         self.writer.write(
             done, {"loss": eval_loss, "perplexity": np.exp(eval_loss)}, prefix="eval_"
@@ -349,8 +383,9 @@ class _Run:
 
 
 def _start_run(config: ml_collections.ConfigDict, workdir: str, progress: bool) -> _Run:
-    """Validates the config, builds the mesh, data, tokenizer and optimizer, and restores or
-    creates the state (state.initial_state)."""
+    """Validates the config, builds the mesh, data, tokenizer and optimizer, checks the eval
+    split, and restores or creates the state (state.initial_state); then records the run's
+    config (workdir/config.json)."""
     experiment.validate(config)
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(dict(config.mesh))
@@ -358,7 +393,6 @@ def _start_run(config: ml_collections.ConfigDict, workdir: str, progress: bool) 
     tokenizer_spec = data.prepare_tokenizer(config.data, documents, workdir)
     model_config = experiment.model_config(config.model, load_tokenizer(tokenizer_spec).vocab_size)
     run_config = RunConfig(experiment=config, model=model_config, tokenizer=tokenizer_spec)
-    run_config.write(workdir)
     datasets = {
         split: functools.partial(
             data.make_dataset,
@@ -376,6 +410,7 @@ def _start_run(config: ml_collections.ConfigDict, workdir: str, progress: bool) 
         )
         for split in ("train", "eval")
     }
+    check_eval_split(config, datasets["eval"])
     checkpointer = None
     if config.checkpoint_every_steps:
         checkpointer = checkpoint.Checkpointer(
@@ -385,15 +420,22 @@ def _start_run(config: ml_collections.ConfigDict, workdir: str, progress: bool) 
         )
     tx = make_optimizer(config)
     train_iter = iter(datasets["train"]())
-    graphdef, first_step, params, opt_state = initial_state(
-        model_config,
-        tx,
-        mesh,
-        checkpointer=checkpointer,
-        data_iterator=train_iter,
-        init_from=config.init_from,
-        seed=config.seed,
-    )
+    try:
+        graphdef, first_step, params, opt_state = initial_state(
+            model_config,
+            tx,
+            mesh,
+            checkpointer=checkpointer,
+            data_iterator=train_iter,
+            init_from=config.init_from,
+            seed=config.seed,
+            run_config=run_config,
+        )
+    except BaseException:  # a refused resume: nothing was saved, nothing to wait for
+        if checkpointer is not None:
+            checkpointer.close()
+        raise
+    run_config.write(workdir)  # only now: a refused resume leaves the workdir as it was
     log.info(
         "model %s: %.1fM parameters, %.1fM active; mesh %s; from step %d",
         config.model.preset,
