@@ -55,7 +55,10 @@ class SentencePieceTokenizer:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such sentencepiece model")
         self.path = path
-        self._sp = spm.SentencePieceProcessor(model_file=path)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=path)
+        except RuntimeError as e:
+            raise ValueError(f"{path}: not a sentencepiece model ({e})") from None
         self.vocab_size = self._sp.get_piece_size()
         self.eos_id = self._sp.eos_id()
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
@@ -118,7 +121,10 @@ class DbrxTokenizer:
             path = os.path.join(os.fspath(hf_dir), "tokenizer.json")
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path}: no tokenizer.json in the HF directory")
-            self._hf = HFTokenizer.from_file(path)
+            try:
+                self._hf = HFTokenizer.from_file(path)
+            except Exception as e:  # tokenizers raises a bare Exception for a bad file
+                raise ValueError(f"{path}: not a tokenizers JSON file ({e})") from None
             self._tiktoken = None
             for token, expected in DBRX_SPECIAL_TOKENS.items():
                 if self._hf.token_to_id(token) != expected:

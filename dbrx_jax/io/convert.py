@@ -11,21 +11,22 @@ device reading just its own chunks.
 jax_to_hf goes the other way into ~5 GB `model-0000N-of-0000M.safetensors` shards with an
 index, `config.json` and `generation_config.json`, writing each file front to back.
 
-Both write into a temporary directory renamed into place at the end: a failed or interrupted
-conversion leaves nothing that looks complete, and an existing output is only replaced with
-`overwrite=True`.
+Both write their output by the one rule of io/files.py: into `<output>.partial`, renamed into
+place when complete; never over an input; an existing output replaced only with `overwrite` and
+only if it is of the kind being written. jax_to_hf reads an export in either layout Orbax writes
+(OCDBT, as training exports are, or plain zarr, as hf_to_jax writes) and refuses a missing or
+unreadable chunk instead of reading it as zeros.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import functools
 import json
 import os
+import pathlib
 import shutil
-import uuid
 from typing import Any
 
 import jax
@@ -38,7 +39,7 @@ from tqdm import tqdm
 
 from dbrx_jax import sharding
 from dbrx_jax.config import DTYPES, DbrxConfig, dtype_name
-from dbrx_jax.io import checkpoint, hf_format
+from dbrx_jax.io import checkpoint, files, hf_format
 from dbrx_jax.io.hf_format import TENSOR_MAPS, TensorMap
 from dbrx_jax.io.pretrained import param_variables
 from dbrx_jax.io.safetensors import SafetensorsCheckpoint, SafetensorsWriter
@@ -54,28 +55,6 @@ TOKENIZER_FILES = (
     "tokenizer.model",
 )
 SHARD_BYTES = 5 * 10**9
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str, overwrite: bool):
-    """Yields a temporary sibling of `path` that becomes `path` only if the block succeeds."""
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    os.makedirs(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(path):
-        old = f"{path}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, path)
 
 
 def _progress(total_bytes: int, desc: str, enabled: bool):
@@ -196,7 +175,10 @@ def hf_to_jax(
     )
     model = nnx.eval_shape(lambda: Dbrx(config, rngs=nnx.Rngs(0)))
     abstract = param_variables(model)
-    with atomic_directory(output, overwrite) as tmp:
+    inputs = [hf_dir, *(st.path for st in ckpt.files.values())]  # shards may be links elsewhere
+    with files.output_directory(
+        output, inputs=inputs, kind=checkpoint.EXPORT_OUTPUT, overwrite=overwrite
+    ) as tmp:
         params_dir = os.path.join(tmp, checkpoint.EXPORT_PARAMS)
         dirs = _param_dirs(params_dir, model)
         chunk_shapes = {}
@@ -275,17 +257,49 @@ def _convert_piece(ckpt, row, layer, rows, piece_config, expert, array, out_dtyp
     bar.update(piece.nbytes)
 
 
-def _open_param(params_dir: str, row: TensorMap):
-    return ts.open(
-        {
-            "driver": "zarr",
-            "kvstore": {
-                "driver": "file",
-                "path": os.path.join(params_dir, ".".join(row.path) + ".value"),
-            },
-            "open": True,
-        }
-    ).result()
+def _open_params(our_dir: str, config: DbrxConfig) -> dict[tuple[str, ...], ts.TensorStore]:
+    """Every parameter array of an export, opened for reading in the layout Orbax recorded
+    (OCDBT or not; zarr v2 or v3), with missing chunks an error rather than zeros, and checked
+    against the shapes of `config`."""
+    params_dir = os.path.join(our_dir, checkpoint.EXPORT_PARAMS)
+    meta = files.read_json(os.path.join(params_dir, "_METADATA"), "Orbax checkpoint metadata")
+    use_ocdbt, use_zarr3 = bool(meta.get("use_ocdbt")), bool(meta.get("use_zarr3"))
+    context = ts.Context({"cache_pool#ocdbt": {}})
+    model = nnx.eval_shape(lambda: Dbrx(config, rngs=nnx.Rngs(0)))
+    abstract = param_variables(model)
+    arrays = {}
+    for row in TENSOR_MAPS:
+        name = ".".join(row.path) + ".value"
+        info = ocp.type_handlers.ParamInfo(
+            name=name,
+            parent_dir=pathlib.Path(params_dir),  # Orbax takes a Path
+            is_ocdbt_checkpoint=use_ocdbt,
+            use_zarr3=use_zarr3,
+            ts_context=context,
+            raise_array_data_missing_error=True,
+        )
+        spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=use_ocdbt)
+        try:
+            array = ts.open(spec, open=True, read=True, context=context).result()
+        except ValueError as e:
+            raise ValueError(
+                f"{params_dir}: parameter {name} is missing or unreadable ({e})"
+            ) from None
+        expected = abstract[row.path].shape
+        if tuple(array.shape) != tuple(expected):
+            raise ValueError(
+                f"{params_dir}: parameter {name} has shape {list(array.shape)}, its "
+                f"{checkpoint.EXPORT_CONFIG} expects {list(expected)}"
+            )
+        arrays[row.path] = array
+    return arrays
+
+
+def _read(array: ts.TensorStore, index: tuple, what: str) -> np.ndarray:
+    try:
+        return np.asarray(array[index].read().result() if index else array.read().result())
+    except ValueError as e:  # a missing or damaged chunk
+        raise ValueError(f"{what}: damaged export, cannot read this array ({e})") from None
 
 
 def _write_next(writer, pending, bar) -> None:
@@ -310,8 +324,7 @@ def jax_to_hf(
             f"{our_dir}: not a params-only export (no {checkpoint.EXPORT_CONFIG})"
         )
     config = checkpoint.load_export_config(our_dir)
-    params_dir = os.path.join(our_dir, checkpoint.EXPORT_PARAMS)
-    arrays = {row.path: _open_param(params_dir, row) for row in TENSOR_MAPS}
+    arrays = _open_params(our_dir, config)
     dtype = _output_dtype(dtype, config.param_dtype)
     out_dtype = np.dtype(DTYPES[dtype])
     config = config.replace(param_dtype=dtype, dtype=dtype)
@@ -330,15 +343,15 @@ def jax_to_hf(
         size += nbytes
     total = sum(int(np.prod(row.hf_shape(config))) for row, _ in order) * out_dtype.itemsize
     weight_map = {}
-    with atomic_directory(output, overwrite) as tmp, _progress(total, "jax_to_hf", progress) as bar:
+    writing = files.output_directory(
+        output, inputs=[our_dir], kind=hf_format.CHECKPOINT_OUTPUT, overwrite=overwrite
+    )
+    with writing as tmp, _progress(total, "jax_to_hf", progress) as bar:
 
         def read_piece(row, layer, piece_config, expert):
             index = tuple(i for i in (layer, expert) if i is not None)
-            value = (
-                arrays[row.path][index].read().result()
-                if index
-                else arrays[row.path].read().result()
-            )
+            where = f"{our_dir}: {'.'.join(row.path)}" + "".join(f"[{i}]" for i in index)
+            value = _read(arrays[row.path], index, where)
             value = value[None] if expert is not None else value
             return _layout(row, row.to_hf, np.asarray(value), piece_config).astype(out_dtype)
 

@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dbrx_jax.io.safetensors import FLOAT_DTYPES, SafetensorsCheckpoint
+from dbrx_jax.io import files
+from dbrx_jax.io.safetensors import FLOAT_DTYPES, INDEX_FILE, SINGLE_FILE, SafetensorsCheckpoint
 
 if TYPE_CHECKING:  # for annotations only: config.py imports this module
     from dbrx_jax.config import DbrxConfig
@@ -103,6 +104,8 @@ def read_config_json(source: Mapping[str, Any] | str | os.PathLike) -> tuple[dic
     if isinstance(source, Mapping):
         return dict(source), "config dict"
     path = os.fspath(source)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such directory (expected an HF checkpoint)")
     if os.path.isdir(path):
         path = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(path):
@@ -425,3 +428,15 @@ def check_checkpoint(ckpt: SafetensorsCheckpoint, config: DbrxConfig) -> None:
                 f"{ckpt.path_of(name)}: unexpected tensor {name!r} (not part of a "
                 f"DBRX model with n_layers={config.n_layers})"
             )
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` looks like a Hugging Face checkpoint directory: config.json plus
+    model.safetensors or its index."""
+    path = os.fspath(path)
+    return os.path.isfile(os.path.join(path, CONFIG_FILE)) and any(
+        os.path.isfile(os.path.join(path, name)) for name in (SINGLE_FILE, INDEX_FILE)
+    )
+
+
+CHECKPOINT_OUTPUT = files.OutputKind("a Hugging Face checkpoint", is_checkpoint)

@@ -45,7 +45,7 @@ def from_pretrained(
     overrides: any other `DbrxConfig` field (attention_impl, remat_policy, max_seq_len, ...).
     """
     path = os.fspath(path)
-    if checkpoint.is_export(path):
+    if _is_export(path):
         return _from_export(path, dtype, param_dtype, mesh, overrides)
     if dtype is None:
         dtype = _checkpoint_dtype(path)
@@ -63,6 +63,19 @@ def from_pretrained(
     missing = [p for p, v in params.items() if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
     assert not missing, f"parameters without an HF tensor: {missing}"
     return model
+
+
+def _is_export(path: str) -> bool:
+    """True for one of our exports, False for anything else (read as an HF directory, whose
+    reader says what is missing); a directory that holds both is refused."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: not a directory (expected an HF checkpoint or an export)")
+    if checkpoint.is_export(path) and hf_format.is_checkpoint(path):
+        raise ValueError(
+            f"{path} holds both a dbrx_jax export ({checkpoint.EXPORT_CONFIG}) and a Hugging "
+            f"Face checkpoint ({hf_format.CONFIG_FILE}); keep each in its own directory"
+        )
+    return checkpoint.is_export(path)
 
 
 def _checkpoint_dtype(hf_dir: str) -> str:
@@ -129,7 +142,7 @@ def _from_export(path: str, dtype, param_dtype, mesh: Mesh | None, overrides) ->
 def load_params(path: str, config: DbrxConfig, abstract_params):
     """Parameters for a training run's `init_from`: from an export or an HF directory, laid out
     as `abstract_params`' shardings say; the architecture must be the run's."""
-    if checkpoint.is_export(path):
+    if _is_export(path):
         stored = checkpoint.load_export_config(path)
         checkpoint.check_same_model({"architecture": stored.architecture()}, config, path)
         return checkpoint.restore_params(path, abstract_params)

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 import ml_dtypes
 import numpy as np
 
+from dbrx_jax.io.files import member, read_json
+
 DTYPES = {
     "BF16": np.dtype(ml_dtypes.bfloat16),
     "F16": np.dtype(np.float16),
@@ -132,11 +134,14 @@ class SafetensorsCheckpoint:
         index_path = os.path.join(self.directory, INDEX_FILE)
         single_path = os.path.join(self.directory, SINGLE_FILE)
         if os.path.isfile(index_path):
-            with open(index_path) as f:
-                try:
-                    weight_map = json.load(f)["weight_map"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{index_path}: not a safetensors index ({e!r})") from e
+            weight_map = read_json(index_path, "a safetensors index").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+            ):
+                raise ValueError(
+                    f"{index_path}: not a safetensors index (expected a 'weight_map' of "
+                    "tensor names to file names)"
+                )
             file_names = sorted(set(weight_map.values()))
         elif os.path.isfile(single_path):
             weight_map, file_names = None, [SINGLE_FILE]
@@ -155,7 +160,7 @@ class SafetensorsCheckpoint:
             raise FileNotFoundError(f"{self.directory}: no {SINGLE_FILE} or {INDEX_FILE}")
         self.files: dict[str, SafetensorsFile] = {}
         for name in file_names:
-            path = os.path.join(self.directory, name)
+            path = member(self.directory, name, index_path)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path}: listed in {INDEX_FILE} but missing")
             self.files[name] = SafetensorsFile(path)
