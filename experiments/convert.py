@@ -11,7 +11,7 @@ import resource
 
 from absl import app, flags
 
-from dbrx_jax import sharding
+from dbrx_jax import cli, sharding
 from dbrx_jax.io import convert
 
 _DIRECTION = flags.DEFINE_enum(
@@ -55,4 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -15,7 +15,7 @@ import jax
 from absl import app, flags
 
 import dbrx_jax
-from dbrx_jax import chat, sharding
+from dbrx_jax import chat, cli, sharding
 from dbrx_jax import generate as gen
 from dbrx_jax.tokenizer import load_tokenizer, tokenizer_for_checkpoint
 
@@ -103,4 +103,4 @@ def _write(text: str) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

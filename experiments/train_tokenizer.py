@@ -11,7 +11,7 @@ import pathlib
 from absl import app, flags
 from ml_collections import config_flags
 
-from dbrx_jax import data, tokenizer
+from dbrx_jax import cli, data, tokenizer
 
 DEMO = pathlib.Path(__file__).resolve().parent.parent / "configs" / "demo.py"
 _CONFIG = config_flags.DEFINE_config_file("config", str(DEMO), "Experiment config.")
@@ -44,4 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -173,7 +173,10 @@ def test_a_config_typo_on_the_command_line_is_refused():
         timeout=120,
         check=False,
     )
-    assert result.returncode != 0 and 'Did you mean "total_steps"' in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert "--config.total_step: the config has no key" in lines[0]
+    assert "did you mean 'total_steps'?" in lines[0]
 
 
 def test_model_vocab_follows_the_tokenizer():
