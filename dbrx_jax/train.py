@@ -35,7 +35,7 @@ import optax
 from flax import nnx
 
 from dbrx_jax import data, experiment, flops, sharding
-from dbrx_jax.generate import sample_text
+from dbrx_jax.generate import check_request, sample_text
 from dbrx_jax.io import checkpoint
 from dbrx_jax.metrics import MetricsWriter
 from dbrx_jax.model import Dbrx
@@ -391,7 +391,18 @@ def _start_run(config: ml_collections.ConfigDict, workdir: str, progress: bool) 
     mesh = sharding.make_mesh(dict(config.mesh))
     documents = data.load_documents(config.data.source, config.data.text_key)
     tokenizer_spec = data.prepare_tokenizer(config.data, documents, workdir)
-    model_config = experiment.model_config(config.model, load_tokenizer(tokenizer_spec).vocab_size)
+    tokenizer = load_tokenizer(tokenizer_spec)
+    model_config = experiment.model_config(config.model, tokenizer.vocab_size)
+    if config.sample_prompts:  # checked now, not found after the last step
+        try:
+            check_request(
+                model_config,
+                [tokenizer.encode(p) for p in config.sample_prompts.split("|")],
+                config.sample_tokens,
+                vocab_limit=tokenizer.vocab_size,
+            )
+        except ValueError as e:
+            raise ValueError(f"config.sample_prompts / config.sample_tokens: {e}") from None
     run_config = RunConfig(experiment=config, model=model_config, tokenizer=tokenizer_spec)
     datasets = {
         split: functools.partial(

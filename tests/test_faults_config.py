@@ -8,7 +8,7 @@ import math
 import ml_collections
 import pytest
 
-from dbrx_jax import experiment
+from dbrx_jax import experiment, train
 from tests import helpers
 
 
@@ -145,3 +145,12 @@ def test_sample_tokens_leave_room_for_the_prompt():
     )
     experiment.validate(_tiny(sample_prompts="", sample_tokens=256))  # no sampling: unused
     experiment.validate(_tiny(sample_prompts="In the beginning", sample_tokens=255))
+
+
+def test_sample_prompts_too_long_are_refused_before_training(tmp_path):
+    config = _tiny()
+    config.sample_prompts = "In the beginning " * 40
+    config.model.max_seq_len = 64
+    with pytest.raises(ValueError, match=r"config.sample_prompts .*has \d+ tokens: expected at"):
+        train.train(config, str(tmp_path), progress=False)
+    assert not (tmp_path / "config.json").exists()
