@@ -43,6 +43,8 @@ setup(
             "pytest-xdist>=3",
             "transformers>=5.0,<6",
             "torch==2.13.0",
+            # libtpu, the version jax pins: compiling for TPU slices on a CPU host (tests/test_aot.py)
+            "jax[tpu]>=0.10.2,<0.13",
             *NOTEBOOKS,
         ],
         "dev": ["ruff>=0.6"],

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -77,9 +78,65 @@ def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
             f"mesh {dict(zip(MESH_AXES, shape, strict=True))} needs "
             f"{int(np.prod(shape))} devices, there are {len(devices)}"
         )
-    return jax.make_mesh(
-        shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    grid = device_grid(shape, devices) if devices[0].platform == "tpu" else None
+    if grid is None:
+        return jax.make_mesh(
+            shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+        )
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def device_grid(shape: list[int], devices: list) -> np.ndarray:
+    """TPU devices arranged as a mesh of `shape` (MESH_AXES order) on their physical torus.
+
+    One slice: each mesh axis spans whole physical axes where such a layout exists, so every
+    collective runs over full rings with their wraparound links. Where none exists (fsdp=8 x
+    expert=8 on a 4x4x4 torus: 8 is no product of whole axes of 4) a physical axis is split
+    between two mesh axes, which still compiles and runs, but collectives over those mesh axes
+    use partial rings; that is logged with the physical shape, so a mesh of whole axes can be
+    chosen instead (benchmarks and `aot_compile.py --sweep` compare them).
+
+    Several slices (devices with distinct `slice_index`): `data` goes over the slices (DCN),
+    as data parallelism needs the least bandwidth, and everything else within each slice."""
+    sizes = dict(zip(MESH_AXES, shape, strict=True))
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1:
+        if shape[0] % slices:
+            raise ValueError(
+                f"mesh {sizes}: the devices form {slices} slices; the data axis (size "
+                f"{shape[0]}) spans them over DCN, so it must be a multiple of {slices}"
+            )
+        ici = [shape[0] // slices, *shape[1:]]
+        dcn = [slices] + [1] * (len(shape) - 1)
+        return mesh_utils.create_hybrid_device_mesh(
+            ici, dcn, devices, allow_split_physical_axes=_needs_split(ici, devices, slices)
+        )
+    return mesh_utils.create_device_mesh(
+        shape, devices, allow_split_physical_axes=_needs_split(shape, devices, 1)
     )
+
+
+def _needs_split(shape: list[int], devices: list, slices: int) -> bool:
+    """Whether `shape` can be laid on one slice's torus only by splitting a physical axis
+    (logged when so)."""
+    per_slice = [d for d in devices if getattr(d, "slice_index", 0) == 0] if slices > 1 else devices
+    try:
+        mesh_utils.create_device_mesh(shape, per_slice, allow_split_physical_axes=False)
+        return False
+    except (ValueError, NotImplementedError, AssertionError):
+        pass
+    torus = np.max([d.coords for d in per_slice], axis=0) + 1
+    cores = len(per_slice) // int(np.prod(torus))
+    log.warning(
+        "mesh %s: no layout puts each axis on whole physical axes of the %s torus%s, so a "
+        "physical axis is split between mesh axes (collectives over them use partial rings); "
+        "axis sizes that are products of %s avoid it",
+        dict(zip(MESH_AXES, shape, strict=True)),
+        "x".join(map(str, torus)),
+        f" ({cores} devices per chip)" if cores > 1 else "",
+        sorted({int(t) for t in torus if t > 1} | ({cores} if cores > 1 else set())),
+    )
+    return True
 
 
 def parse_mesh(text: str) -> dict[str, int]:
