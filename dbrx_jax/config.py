@@ -41,7 +41,7 @@ _DTYPE_ALIASES = {
     "f64": "float64",
     "double": "float64",
 }
-ATTENTION_IMPLS = ("xla", "cudnn", "reference")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "reference")  # see model/layers.py
 MOE_IMPLS = ("auto", "dense", "dropless", "capacity", "gather")  # see moe/dispatch.py
 GMM_IMPLS = ("auto", "ragged_dot", "tokamax", "mgpu", "megablox", "blocked")  # see moe/gmm.py
 MOE_EXCHANGES = ("all_gather", "all_to_all")  # see moe/exchange.py
@@ -117,7 +117,7 @@ class DbrxConfig:
     dtype: str = "float32"  # activations and matmul inputs (any spelling; stored by name)
     param_dtype: str = "float32"  # stored parameters (the master copy when training)
     remat_policy: str = "none"  # one of REMAT_POLICIES, applied to each scanned block
-    attention_impl: str = "xla"  # one of ATTENTION_IMPLS
+    attention_impl: str = "auto"  # one of ATTENTION_IMPLS: auto is splash on TPU, else xla
     moe_impl: str = "auto"  # one of MOE_IMPLS: auto is exact (dropless; gather for a few tokens)
     moe_gmm_impl: str = "auto"  # grouped GEMM of the dropless path, one of GMM_IMPLS
     moe_capacity_factor: float = 1.0  # capacity path: slots per expert = cf * tokens * k / E

@@ -13,6 +13,7 @@ from dbrx_jax.model.layers import (
     LayerCache,
     LayerNorm,
     apply_rope,
+    attention_by_query_chunks,
     attention_mask,
     dot_product_attention,
     rope_tables,
@@ -106,6 +107,40 @@ def test_cudnn_attention_equals_the_reference(segmented):
 
     for got, want in zip(value_and_grads("cudnn"), value_and_grads("reference"), strict=True):
         assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+
+
+def test_splash_attention_equals_the_reference():
+    """The TPU kernel (`attention_impl="splash"`, here in Pallas' interpreter): packed segments,
+    left padding as segment 0, rows not a multiple of its blocks; values and gradients."""
+    B, T, N, K, H = 2, 200, 4, 2, 16
+    q = jnp.asarray(RNG.randn(B, T, N, H), jnp.float32)
+    k, v = (jnp.asarray(RNG.randn(B, T, K, H), jnp.float32) for _ in range(2))
+    segments = jnp.asarray([[1] * 70 + [2] * 130, [0] * 30 + [1] * 170])
+    cotangent = jnp.asarray(RNG.randn(B, T, N, H), jnp.float32)
+
+    def value_and_grads(impl):
+        if impl == "splash":
+            mask, kwargs = None, dict(segment_ids_BT=segments, interpret=True)
+        else:
+            mask, kwargs = attention_mask(segments), {}
+        out, vjp = jax.vjp(lambda *a: dot_product_attention(*a, mask, impl=impl, **kwargs), q, k, v)
+        return [np.asarray(x) for x in (out, *vjp(cotangent))]
+
+    for got, want in zip(value_and_grads("splash"), value_and_grads("reference"), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    with pytest.raises(ValueError, match="pass segment_ids_BT, not a mask"):
+        dot_product_attention(q, k, v, attention_mask(segments), impl="splash")
+
+
+def test_cache_attention_by_query_chunks_equals_all_at_once():
+    """The KV-cache path of a splash model (TPU) takes long prefills in chunks of queries."""
+    B, T, S, N, K, H = 2, 12, 16, 4, 2, 8
+    q = jnp.asarray(RNG.randn(B, T, N, H), jnp.float32)
+    k, v = (jnp.asarray(RNG.randn(B, S, K, H), jnp.float32) for _ in range(2))
+    mask = jnp.asarray(RNG.rand(B, 1, T, S) < 0.6).at[..., 0].set(True)
+    whole = dot_product_attention(q, k, v, mask, impl="xla", causal=False)
+    chunked = attention_by_query_chunks(q, k, v, mask, impl="xla", chunk=4)
+    np.testing.assert_allclose(chunked, whole, atol=1e-6)
 
 
 def test_attention_is_causal_and_respects_segments():

@@ -87,6 +87,19 @@ def test_packed_rows_equal_separate_sequences():
 
 
 @pytest.mark.slow
+def test_splash_attention_model_equals_xla():
+    """The model with `attention_impl="splash"` (segment ids to the kernel, no mask; here in
+    Pallas' interpreter) gives the logits of the XLA path on packed rows with left padding."""
+    tokens = _tokens((2, 40))
+    segments = jnp.asarray([[1] * 15 + [2] * 25, [0] * 6 + [1] * 34])
+    xla = _model(TINY.replace(attention_impl="xla"))
+    splash = _model(TINY.replace(attention_impl="splash"))
+    assert splash.attention_impl == "splash" and splash.blocks.attn.interpret
+    want = xla(tokens, segment_ids_BT=segments).logits
+    got = splash(tokens, segment_ids_BT=segments).logits
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+
 def test_left_padding_with_segment_zero():
     model = _model()
     seq = _tokens((1, 7), seed=3)

@@ -53,7 +53,7 @@ def test_one_device_plan_on_cpu():
 def test_the_platform_is_the_mesh_devices_not_the_hosts():
     """A mesh of TPU devices built on this CPU host gets the TPU grouped GEMM, not the CPU loop."""
     tpu = plan_moe(TINY, _DevicesMesh("tpu"))
-    assert (tpu.platform, tpu.gmm.backend, tpu.exchange) == ("tpu", "ragged_dot", "all_gather")
+    assert (tpu.platform, tpu.gmm.backend, tpu.exchange) == ("tpu", "megablox", "all_gather")
     assert not tpu.gmm.interpret
     assert "expert parallel under shard_map: experts split 4 ways" in tpu.describe()
     gpu = plan_moe(TINY.replace(moe_exchange="all_to_all"), _DevicesMesh("gpu"))

@@ -24,7 +24,7 @@ ACTIVATION_AXES = ("batch", "seq", "act_embed")  # the residual stream between b
 class DbrxBlock(nnx.Module):
     def __init__(self, config: DbrxConfig, plan: MoEPlan, *, rngs: nnx.Rngs):
         self.norm_1 = LayerNorm(config)
-        self.attn = Attention(config, rngs=rngs)
+        self.attn = Attention(config, rngs=rngs, mesh=plan.mesh)
         self.norm_2 = LayerNorm(config)
         self.ffn = MoE(config, rngs=rngs, plan=plan)
 
@@ -36,10 +36,14 @@ class DbrxBlock(nnx.Module):
         mask_B1TS: jax.Array | None,
         cache: LayerCache | None = None,
         jitter_key: jax.Array | None = None,
+        segment_ids_BT: jax.Array | None = None,
     ) -> tuple[jax.Array, RouterOutput, LayerCache | None]:
         """The block on T tokens: the new residual stream, the router's decisions, and the
-        layer's updated KV cache (None without one). See Attention for the cache and mask."""
-        attn_BTD, cache = self.attn(self.norm_1(h_BTD), cos_BTH, sin_BTH, mask_B1TS, cache)
+        layer's updated KV cache (None without one). See Attention for the cache, mask and
+        segment ids."""
+        attn_BTD, cache = self.attn(
+            self.norm_1(h_BTD), cos_BTH, sin_BTH, mask_B1TS, cache, segment_ids_BT
+        )
         h_BTD = h_BTD + attn_BTD
         moe = self.ffn(self.norm_2(h_BTD), jitter_key)
         return constrain(h_BTD + moe.y_BTD, ACTIVATION_AXES, self.ffn.plan.mesh), moe.router, cache

@@ -21,7 +21,13 @@ from jax.sharding import Mesh
 from dbrx_jax import sharding
 from dbrx_jax.config import REMAT_POLICIES, DbrxConfig
 from dbrx_jax.model.block import ACTIVATION_AXES, DbrxBlock
-from dbrx_jax.model.layers import LayerCache, LayerNorm, attention_mask, rope_tables
+from dbrx_jax.model.layers import (
+    LayerCache,
+    LayerNorm,
+    attention_impl_for,
+    attention_mask,
+    rope_tables,
+)
 from dbrx_jax.moe.plan import plan_moe
 from dbrx_jax.moe.routing import Routing
 from dbrx_jax.nn import MATMUL_RESULTS, param
@@ -117,6 +123,9 @@ class Dbrx(nnx.Module):
             )
         self.config = config
         self.plan = plan_moe(config, mesh)  # holds the mesh too (`self.mesh`)
+        # The attention of the blocks (each resolves it the same way): with splash, tokens
+        # attending to each other take segment ids, and no [B, 1, T, S] mask is built.
+        self.attention_impl = attention_impl_for(config.attention_impl, self.plan.platform)
         std = config.initializer_range
         V, D = config.vocab_size, config.d_model
         self.wte = param(rngs, (V, D), ("vocab", "embed"), config, std=std)
@@ -173,15 +182,18 @@ class Dbrx(nnx.Module):
         B, T, _ = h_BTD.shape
         if cache is None:
             positions_BT, mask_B1TS = self._sequence_layout(B, T, positions_BT, segment_ids_BT)
+            if self.attention_impl != "splash":
+                segment_ids_BT = None  # in the mask
         else:
             segment_ids_BT = (
                 jnp.ones((B, T), jnp.int32) if segment_ids_BT is None else segment_ids_BT
             )
             positions_BT, mask_B1TS, cache = self._cache_layout(positions_BT, segment_ids_BT, cache)
+            segment_ids_BT = None  # in the mask
         cos_BTH, sin_BTH = rope_tables(positions_BT, c.head_dim, c.rope_theta, c.compute_dtype)
 
         h_BTD, router, cache = self._run_blocks(
-            h_BTD, cos_BTH, sin_BTH, mask_B1TS, cache, jitter_key
+            h_BTD, cos_BTH, sin_BTH, mask_B1TS, cache, jitter_key, segment_ids_BT
         )
 
         with jax.named_scope("lm_head"):
@@ -218,13 +230,16 @@ class Dbrx(nnx.Module):
         return nnx.merge(graphdef, state)
 
     def _sequence_layout(self, B, T, positions_BT, segment_ids_BT):
-        """Positions and mask of T tokens that attend only to each other (training)."""
+        """Positions and mask of T tokens that attend only to each other (training); no mask
+        for splash, which reads the segment ids."""
         if positions_BT is None:
             positions_BT = (
                 jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
                 if segment_ids_BT is None
                 else positions_from_segments(segment_ids_BT)
             )
+        if self.attention_impl == "splash":
+            return positions_BT, None
         return positions_BT, attention_mask(segment_ids_BT)
 
     def _cache_layout(self, positions_BT, segment_ids_BT, cache: KVCache):
@@ -244,9 +259,12 @@ class Dbrx(nnx.Module):
         mask_B1TS = causal_TS[None, None] & attention_mask(segment_ids_BT, segment_ids_BS)
         return positions_BT, mask_B1TS, cache.replace(segment_ids_BS=segment_ids_BS)
 
-    def _run_blocks(self, h_BTD, cos_BTH, sin_BTH, mask_B1TS, cache: KVCache | None, jitter_key):
+    def _run_blocks(
+        self, h_BTD, cos_BTH, sin_BTH, mask_B1TS, cache: KVCache | None, jitter_key, segment_ids_BT
+    ):
         """`lax.scan` over the stacked blocks, each optionally rematerialised. The KV cache (if
-        any) is carried and each layer's slice updated in place."""
+        any) is carried and each layer's slice updated in place. `segment_ids_BT`: for splash
+        attention, in place of the mask."""
         graphdef, stacked_state = nnx.split(self.blocks)
         L = self.config.n_layers
         keys_L = None if jitter_key is None else jax.random.split(jitter_key, L)
@@ -257,7 +275,9 @@ class Dbrx(nnx.Module):
             layer_state, key, index = layer
             block = nnx.merge(graphdef, layer_state)
             layer_cache = None if kv is None else LayerCache(kv[0][index], kv[1][index], start)
-            h_BTD, router, layer_cache = block(h_BTD, cos_BTH, sin_BTH, mask_B1TS, layer_cache, key)
+            h_BTD, router, layer_cache = block(
+                h_BTD, cos_BTH, sin_BTH, mask_B1TS, layer_cache, key, segment_ids_BT
+            )
             if kv is not None:
                 kv = tuple(
                     jax.lax.dynamic_update_index_in_dim(stacked, new, index, 0)

@@ -8,9 +8,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from jax.sharding import Mesh
 
 from dbrx_jax.config import DbrxConfig
+from dbrx_jax.model.splash import splash_attention
+from dbrx_jax.moe.plan import platform_of
 from dbrx_jax.nn import at_least_fp32, param, saved_for_backward
+
+# The KV-cache path of a model whose attention is splash (TPU): queries in chunks of this many,
+# so a long prefill holds [chunk, S] scores at a time, not [T, S].
+CACHE_QUERY_CHUNK = 512
 
 
 class LayerNorm(nnx.Module):
@@ -74,6 +81,16 @@ def attention_mask(
     return (segment_ids_BT[:, :, None] == kv[:, None, :])[:, None, :, :]
 
 
+def attention_impl_for(name: str, platform: str) -> str:
+    """The attention `DbrxConfig.attention_impl` stands for on `platform`'s devices: "auto" is
+    splash on TPU (no [T, S] scores in HBM: `splash_attention`) and xla elsewhere (CPU and GPU
+    as before "auto" existed). Splash is causal self-attention without a cache; the KV-cache
+    path of a splash model runs xla, in query chunks (`Attention`)."""
+    if name == "auto":
+        return "splash" if platform == "tpu" else "xla"
+    return name
+
+
 def dot_product_attention(
     q_BTNH: jax.Array,
     k_BSKH: jax.Array,
@@ -82,18 +99,37 @@ def dot_product_attention(
     *,
     impl: str,
     causal: bool = True,
+    segment_ids_BT: jax.Array | None = None,
+    mesh: Mesh | None = None,
+    interpret: bool = False,
 ) -> jax.Array:
     """GQA attention. `impl`: 'xla' or 'cudnn' (`jax.nn.dot_product_attention`, which does the
-    softmax in fp32), or 'reference' (plain einsums; softmax in fp32, or float64 for float64
-    inputs, which JAX's own always casts to fp32). `causal=False` leaves all masking to
-    `mask_B1TS` (the KV-cache path, where queries sit at arbitrary cache slots). G query heads
-    share each of the K key/value heads."""
+    softmax in fp32), 'splash' (the TPU kernel, model/splash.py: causal self-attention within
+    `segment_ids_BT`, no mask; under `shard_map` over `mesh`; `interpret` off TPU), or
+    'reference' (plain einsums; softmax in fp32, or float64 for float64 inputs, which JAX's own
+    always casts to fp32). `causal=False` leaves all masking to `mask_B1TS` (the KV-cache path,
+    where queries sit at arbitrary cache slots). G query heads share each of the K key/value
+    heads."""
+    if impl == "splash":
+        if mask_B1TS is not None or not causal:
+            raise ValueError(
+                "splash attention is causal self-attention within segment ids: pass "
+                "segment_ids_BT, not a mask (the KV-cache path runs 'xla')"
+            )
+        return splash_attention(
+            q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, mesh=mesh, interpret=interpret
+        )
+    if segment_ids_BT is not None:
+        raise ValueError(f"attention impl {impl!r} takes a mask, not segment ids")
     if impl in ("xla", "cudnn"):
         return jax.nn.dot_product_attention(
             q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, is_causal=causal, implementation=impl
         )
     if impl != "reference":
-        raise ValueError(f"attention impl {impl!r}: expected 'xla', 'cudnn' or 'reference'")
+        raise ValueError(
+            f"attention impl {impl!r}: expected 'xla', 'cudnn', 'splash' or 'reference' "
+            "('auto' is resolved by attention_impl_for)"
+        )
     B, T, N, H = q_BTNH.shape
     S, K = k_BSKH.shape[1], k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
@@ -113,6 +149,32 @@ def dot_product_attention(
     return out_BTKGH.reshape(B, T, N, H)
 
 
+def attention_by_query_chunks(
+    q_BTNH: jax.Array,
+    k_BSKH: jax.Array,
+    v_BSKH: jax.Array,
+    mask_B1TS: jax.Array,
+    *,
+    impl: str,
+    chunk: int,
+) -> jax.Array:
+    """`dot_product_attention(..., causal=False)` one chunk of `chunk` queries at a time (a
+    `lax.map`), so the scores held at once are `[B, N, chunk, S]`; T must be a multiple."""
+    B, T, N, H = q_BTNH.shape
+    S = k_BSKH.shape[1]
+    num = T // chunk
+    q_chunks = q_BTNH.reshape(B, num, chunk, N, H).swapaxes(0, 1)
+    mask_chunks = jnp.broadcast_to(mask_B1TS, (B, 1, T, S)).reshape(B, 1, num, chunk, S)
+    mask_chunks = mask_chunks.transpose(2, 0, 1, 3, 4)
+
+    def one(chunk_inputs):
+        q_BtNH, mask_B1tS = chunk_inputs
+        return dot_product_attention(q_BtNH, k_BSKH, v_BSKH, mask_B1tS, impl=impl, causal=False)
+
+    out_chunks = jax.lax.map(one, (q_chunks, mask_chunks))
+    return out_chunks.swapaxes(0, 1).reshape(B, T, N, H)
+
+
 @struct.dataclass
 class LayerCache:
     """One layer's KV cache: keys (after RoPE) and values (after clipping) for S slots, and the
@@ -128,9 +190,12 @@ class Attention(nnx.Module):
 
     `wqkv` is `[D, K, J, H]`: for every KV head its G query heads, then its key, then its value.
     Grouping by KV head keeps a tensor-parallel split over K local to each shard. (HF's `Wqkv` is
-    `[(N + 2K) * H, D]` with all queries first; io/hf_format.py reorders.)"""
+    `[(N + 2K) * H, D]` with all queries first; io/hf_format.py reorders.)
 
-    def __init__(self, config: DbrxConfig, *, rngs: nnx.Rngs):
+    `mesh`: the mesh the model runs on (None: one device); its devices' platform (the default
+    device's without one) resolves `attention_impl` once, here (`attention_impl_for`)."""
+
+    def __init__(self, config: DbrxConfig, *, rngs: nnx.Rngs, mesh: Mesh | None = None):
         c = config
         std = c.initializer_range
         self.wqkv = param(
@@ -144,7 +209,12 @@ class Attention(nnx.Module):
             rngs, (c.n_heads, c.head_dim, c.d_model), ("heads", "head_dim", "embed"), c, std=std
         )
         self.clip_qkv = c.clip_qkv
-        self.impl = c.attention_impl
+        platform = platform_of(mesh)
+        self.impl = attention_impl_for(c.attention_impl, platform)
+        # Splash has no KV-cache form: the cache path takes the mask, by XLA, in query chunks.
+        self.cache_impl = "xla" if self.impl == "splash" else self.impl
+        self.interpret = self.impl == "splash" and platform != "tpu"
+        self.mesh = mesh
         self.dtype = c.compute_dtype
 
     def __call__(
@@ -154,16 +224,25 @@ class Attention(nnx.Module):
         sin_BTH: jax.Array,
         mask_B1TS: jax.Array | None,
         cache: LayerCache | None = None,
+        segment_ids_BT: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
         """Attention of T tokens. Without a cache they attend causally to each other (within
-        `mask_B1TS`). With one, their keys and values go into slots [start, start + T) and they
-        attend over the whole cache as `mask_B1TS` (`[B, 1, T, S]`) allows; the updated cache
-        comes back."""
+        `mask_B1TS`, or with splash within `segment_ids_BT`). With one, their keys and values go
+        into slots [start, start + T) and they attend over the whole cache as `mask_B1TS`
+        (`[B, 1, T, S]`) allows; the updated cache comes back."""
         with jax.named_scope("attention"):  # benchmarks/profiling.py attributes time by scope
             q_BTNH, k_BTKH, v_BTKH = self.project(x_BTD, cos_BTH, sin_BTH)
             if cache is None:
                 out_BTNH = dot_product_attention(
-                    q_BTNH, k_BTKH, v_BTKH, mask_B1TS, impl=self.impl, causal=True
+                    q_BTNH,
+                    k_BTKH,
+                    v_BTKH,
+                    mask_B1TS,
+                    impl=self.impl,
+                    causal=True,
+                    segment_ids_BT=segment_ids_BT,
+                    mesh=self.mesh,
+                    interpret=self.interpret,
                 )
             else:
                 cache = cache.replace(
@@ -174,9 +253,25 @@ class Attention(nnx.Module):
                         cache.v_BSKH, v_BTKH.astype(cache.v_BSKH.dtype), cache.start, axis=1
                     ),
                 )
-                out_BTNH = dot_product_attention(
-                    q_BTNH, cache.k_BSKH, cache.v_BSKH, mask_B1TS, impl=self.impl, causal=False
-                )
+                T = q_BTNH.shape[1]
+                if self.impl == "splash" and T > CACHE_QUERY_CHUNK and T % CACHE_QUERY_CHUNK == 0:
+                    out_BTNH = attention_by_query_chunks(
+                        q_BTNH,
+                        cache.k_BSKH,
+                        cache.v_BSKH,
+                        mask_B1TS,
+                        impl=self.cache_impl,
+                        chunk=CACHE_QUERY_CHUNK,
+                    )
+                else:
+                    out_BTNH = dot_product_attention(
+                        q_BTNH,
+                        cache.k_BSKH,
+                        cache.v_BSKH,
+                        mask_B1TS,
+                        impl=self.cache_impl,
+                        causal=False,
+                    )
             out_BTNH = saved_for_backward(out_BTNH, "attention")
             out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.out[...].astype(self.dtype))
             return saved_for_backward(out_BTD, "attention_out"), cache

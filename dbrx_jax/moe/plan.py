@@ -23,7 +23,13 @@ from jax.sharding import Mesh
 
 from dbrx_jax import sharding
 from dbrx_jax.config import DbrxConfig
-from dbrx_jax.moe.gmm import TOKAMAX_MISSING, GroupedMatmul, for_platform, tokamax_available
+from dbrx_jax.moe.gmm import (
+    TOKAMAX_MISSING,
+    GroupedMatmul,
+    for_platform,
+    tokamax_available,
+    tpu_generation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +77,7 @@ class MoEPlan:
         parts = [f"{self.dispatch} dispatch"]
         if self.gmm is not None:
             mode = ", interpreted" if self.gmm.interpret else ""
+            mode += f" for {self.gmm.tpu}" if self.gmm.tpu else ""
             parts[0] += f" (grouped GEMM: {self.gmm.backend}{mode})"
         if self.gather_max_assignments:
             parts.append(f"gather when a call has <= {self.gather_max_assignments} assignments")
@@ -99,11 +106,22 @@ class MoEPlan:
         return text + "".join(f"\n  note: {note}" for note in self.notes)
 
 
+def _device_of(mesh: Mesh | None):
+    return mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+
+
 def platform_of(mesh: Mesh | None) -> str:
     """The platform a program for `mesh` runs on: its devices', else the default device's."""
-    if mesh is not None:
-        return mesh.devices.flat[0].platform
-    return jax.devices()[0].platform
+    return _device_of(mesh).platform
+
+
+def tpu_of(mesh: Mesh | None) -> str | None:
+    """The TPU generation ("v5p", "v6e", ...) a program for `mesh` runs on, from its devices'
+    kind (a TPU slice described on a CPU host has them too); None off TPU."""
+    device = _device_of(mesh)
+    if device.platform != "tpu":
+        return None
+    return tpu_generation(getattr(device, "device_kind", "TPU"))
 
 
 @functools.lru_cache(maxsize=64)
@@ -125,7 +143,7 @@ def plan_moe(config: DbrxConfig, mesh: Mesh | None = None) -> MoEPlan:
         notes.append(f"moe_exchange has no effect: {dispatch} dispatch is partitioned by GSPMD")
     gmm = None
     if dispatch == "dropless":
-        gmm = for_platform(config.moe_gmm_impl, platform)
+        gmm = for_platform(config.moe_gmm_impl, platform, tpu_of(mesh))
         if config.moe_gmm_impl == "ragged_dot" and platform in ("gpu", "cpu"):
             notes.append(f"moe_gmm_impl='ragged_dot': XLA densifies it on {platform} (slow)")
         if gmm.backend == "tokamax" and not tokamax_available():
