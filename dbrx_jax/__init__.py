@@ -14,6 +14,8 @@ The package, bottom up (a module imports only from rows above it):
     data.py, tokenizer.py, chat.py   documents to batches; tokenizers; the chat format
     optim.py, state.py, train.py, metrics.py, experiment.py   training
     generate.py    KV-cache generation and sampling
+    aot/           compiling those programs for a TPU slice on any host: slices, reports
+    cli.py         how entry points fail (one line) and stop (SIGTERM)
 
 The shape legend every module uses is in dbrx_jax/model/__init__.py.
 """

@@ -7,6 +7,7 @@ import importlib.util
 import pytest
 
 from dbrx_jax import experiment, sharding
+from dbrx_jax.aot.topology import parse_target
 from tests import helpers
 
 CONFIG_FILES = sorted((helpers.ROOT / "configs").glob("*.py"))
@@ -27,7 +28,11 @@ def test_config_file_loads(path):
     config = module.get_config()
     experiment.validate(config)
     assert experiment.model_config(config.model).num_params() > 0
-    sharding.make_mesh(dict(config.mesh))  # fits the 8 test devices
+    if hasattr(module, "TOPOLOGY"):  # a TPU slice's config: its mesh fits that slice
+        devices = parse_target(module.TOPOLOGY).devices()
+        assert sharding.make_mesh(dict(config.mesh), devices=devices).devices.size == len(devices)
+    else:
+        sharding.make_mesh(dict(config.mesh))  # fits the 8 test devices
 
 
 @pytest.mark.slow

@@ -206,6 +206,7 @@ def memory(compiled, arg_groups: dict[str, object], target: Target) -> dict[str,
         max(stats.output_size_in_bytes - stats.alias_size_in_bytes, 0)
     )
     out["generated code"] = float(stats.generated_code_size_in_bytes)
+    out["arguments"] = float(stats.argument_size_in_bytes)
     out["total"] = float(
         stats.argument_size_in_bytes
         + out["outputs (not aliased)"]

@@ -18,6 +18,8 @@ import math
 import os
 import re
 
+from jax.experimental import topologies
+
 GiB = 2**30
 
 
@@ -87,8 +89,6 @@ class Target:
 
 @functools.lru_cache(maxsize=16)
 def _devices(topology: str, num_slices: int) -> tuple:
-    from jax.experimental import topologies  # needs libtpu only when a TPU target is asked for
-
     # libtpu takes a host-wide lock meant for processes that drive TPU chips; compile-only
     # devices drive none, so several processes (pytest workers) may describe slices at once.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
