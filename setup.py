@@ -43,7 +43,7 @@ setup(
             "pytest-xdist>=3",
             "transformers>=5.0,<6",
             "torch==2.13.0",
-            # libtpu, the version jax pins: compiling for TPU slices on a CPU host (tests/test_aot.py)
+            # libtpu (the version jax pins): compiling for TPU slices on this host
             "jax[tpu]>=0.10.2,<0.13",
             *NOTEBOOKS,
         ],

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -173,6 +175,24 @@ ax.legend(fontsize=8)
 fig.tight_layout()
 fig.savefig(FIGURES / "04_sharding.png", dpi=120)
 plt.show()
+
+# %% [markdown]
+# ## dbrx-132b compiled for TPU slices
+#
+# The estimates above come from shapes. `experiments/aot_compile.py` compiles the real training and decode steps with the TPU compiler (libtpu, no TPU needed) and reads each device's memory from the compiled program. GiB per device:
+#
+# | step | slice | mesh | batch x seq | params | opt. state / KV cache | temporaries | total of HBM | headroom | roofline bound | compile |
+# |---|---|---|---|---|---|---|---|---|---|---|
+# | pretrain (fp32 master) | v5p-128 | fsdp 4 x expert 16 | 64 x 4096 | 7.7 | 15.3 | 42.4 | 65.4 of 95 | 31% | 1974 ms (compute) | 132 s |
+# | pretrain (fp32 master) | v6e-256 | fsdp 16 x expert 16 | 256 x 4096 | 1.9 | 3.8 | 23.7 | 29.5 of 32 | 8% | 987 ms (compute) | 78 s |
+# | fine-tune (bf16) | v5p-128 | fsdp 4 x expert 16 | 64 x 4096 | 3.8 | 7.7 | 29.8 | 41.4 of 95 | 56% | 1974 ms (compute) | 114 s |
+# | decode | v5p-16 | expert 8 | 32 x 32768 | 30.6 | 20.0 | 1.2 | 51.8 of 95 | 45% | 20 ms (HBM bandwidth) | 5 s |
+# | decode | v5p-16 | expert 8 | 1 x 32768 | 30.6 | 5.0 | 1.1 | 36.8 of 95 | 61% | 14 ms (HBM bandwidth) | 3 s |
+# | decode | v6e-16 | expert 16 | 32 x 32768 | 15.3 | 10.0 | 1.1 | 26.5 of 32 | 17% | 17 ms (HBM bandwidth) | 5 s |
+# | decode | v6e-16 | expert 16 | 1 x 32768 | 15.3 | 5.0 | 1.2 | 21.5 of 32 | 33% | 13 ms (HBM bandwidth) | 5 s |
+# | pretrain (fp32 master), 2 micro-batches | v5p-64 | fsdp 2 x expert 16 | 64 x 4096 | 15.3 | 30.6 | 97.2 | 143 of 95: out of memory | - | - | 5 s |
+#
+# To reproduce a row: `python experiments/aot_compile.py --config=configs/dbrx_132b_pretrain.py --topology=v5p-128`; the README's "Compiling for TPU without a TPU" section has the decode commands.
 
 # %% [markdown]
 # ## The communication of an expert-parallel training step

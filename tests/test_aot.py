@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dbrx_jax import experiment, sharding
-from dbrx_jax.aot import analysis, programs
+from dbrx_jax.aot import analysis
 from dbrx_jax.aot import compile as aot
 from dbrx_jax.aot.topology import parse_target, torus_shape
 from tests import helpers
@@ -88,7 +88,9 @@ def test_multi_slice_meshes_put_data_over_dcn():
         sharding.make_mesh({"data": 1, "fsdp": 4, "expert": 2}, devices=devices)
 
 
-@pytest.mark.parametrize("step", programs.STEPS)
+@pytest.mark.parametrize(
+    "step", [pytest.param("train", marks=pytest.mark.slow), "prefill", "decode"]
+)
 def test_each_program_compiles_for_a_small_slice_and_reports(step):
     report = aot.compile_report(_config(), parse_target("v5p-8"), step)
     assert report["fits"] and 0 < report["memory"]["total"] < report["memory"]["hbm"]
@@ -125,6 +127,7 @@ def test_collectives_per_layer_do_not_grow_with_depth():
     assert sites[0] == sites[1]
 
 
+@pytest.mark.slow
 def test_out_of_memory_is_a_one_screen_answer():
     config = _config(batch=512, seq=2048, max_seq_len=2048)
     report = aot.compile_report(config, parse_target("v5e-4"), "train")

@@ -109,6 +109,7 @@ def test_cudnn_attention_equals_the_reference(segmented):
         assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
 
 
+@pytest.mark.slow  # Pallas interpreter on CPU
 def test_splash_attention_equals_the_reference():
     """The TPU kernel (`attention_impl="splash"`, here in Pallas' interpreter): packed segments,
     left padding as segment 0, rows not a multiple of its blocks; values and gradients."""

@@ -124,6 +124,7 @@ def test_megablox_lowers_at_dbrx_expert_shapes(devices, k, n):
     assert compiled.cost_analysis()["flops"] == pytest.approx(3 * 2 * 32768 * k * n, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_auto_grouped_gemm_on_tpu_is_megablox_because_ragged_dot_densifies_d_rhs():
     """XLA:TPU lowers ragged_dot's weight gradient as a masked dense product over all groups
     (E times the FLOPs of that GEMM); megablox's tgmm does the grouped one."""
@@ -156,6 +157,7 @@ def test_auto_attention_is_splash_on_tpu_devices_and_xla_elsewhere():
     assert on_tpu.blocks.attn.cache_impl == "xla" and not on_tpu.blocks.attn.interpret
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "devices", [V5P, pytest.param(V6E, marks=pytest.mark.slow)], ids=["v5p", "v6e"]
 )

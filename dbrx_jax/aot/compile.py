@@ -19,6 +19,8 @@ import ml_collections
 from dbrx_jax import experiment, sharding
 from dbrx_jax.aot import analysis, programs
 from dbrx_jax.aot.topology import GiB, Target
+from dbrx_jax.model.layers import attention_impl_for
+from dbrx_jax.moe.plan import plan_moe
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ def compile_report(
     """Compiles `step` for `target` and reports on it (see the module docstring). A compile
     that runs out of HBM gives a report with `fits: False` and the `out_of_memory` answer."""
     program, mesh = build_program(config, target, step)
+    model_config = experiment.model_config(config.model)
     report: dict[str, object] = {
         "target": target.describe(),
         "step": step,
@@ -55,6 +58,10 @@ def compile_report(
         "seq_len": config.seq_len,
         "remat_policy": str(experiment.model_config(config.model).remat_policy),
         "grad_accum_steps": config.grad_accum_steps if step == "train" else 1,
+        "plan": plan_moe(model_config, mesh).describe(),
+        "attention": attention_impl_for(
+            model_config.attention_impl, plan_moe(model_config, mesh).platform
+        ),
     }
     start = time.perf_counter()
     try:
@@ -124,6 +131,7 @@ def format_report(report: dict) -> str:
         f"mesh {report['mesh']}, batch {report['batch_size']} x {report['seq_len']}, "
         f"remat {report['remat_policy']}, micro-batches {report['grad_accum_steps']}; "
         f"compiled in {report['compile_s']:.1f} s",
+        f"attention: {report['attention']}; {report['plan']}",
     ]
     if not report["fits"] and "out_of_memory" in report:
         oom = report["out_of_memory"]
