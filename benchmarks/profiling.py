@@ -98,17 +98,25 @@ def op_times_ns(trace_dir: str, module: str) -> collections.Counter:
     totals: collections.Counter = collections.Counter()
     for path in paths:
         planes = list(ProfileData.from_file(path).planes)
-        devices = [p for p in planes if p.name.startswith("/device:")]
-        for plane in devices or [p for p in planes if p.name.startswith("/host:CPU")]:
-            lines = list(plane.lines)
-            # GPU planes list each op on "XLA Ops" and its kernels on stream lines: keep one.
-            op_lines = [line for line in lines if line.name == "XLA Ops"] or lines
-            for line in op_lines:
-                for event in line.events:
-                    stats = dict(event.stats)
-                    if stats.get("hlo_module") == module and "hlo_op" in stats:
-                        totals[stats["hlo_op"]] += event.duration_ns
+        devices = [_plane_ops(p, module) for p in planes if p.name.startswith("/device:")]
+        hosts = [_plane_ops(p, module) for p in planes if p.name.startswith("/host:CPU")]
+        # Device planes that ran the module (a loaded plugin, libtpu say, adds empty ones).
+        for ops in [ops for ops in devices if ops] or hosts:
+            totals.update(ops)
     return totals
+
+
+def _plane_ops(plane, module: str) -> collections.Counter:
+    lines = list(plane.lines)
+    # GPU planes list each op on "XLA Ops" and its kernels on stream lines: keep one.
+    op_lines = [line for line in lines if line.name == "XLA Ops"] or lines
+    ops: collections.Counter = collections.Counter()
+    for line in op_lines:
+        for event in line.events:
+            stats = dict(event.stats)
+            if stats.get("hlo_module") == module and "hlo_op" in stats:
+                ops[stats["hlo_op"]] += event.duration_ns
+    return ops
 
 
 def breakdown(

@@ -12,6 +12,7 @@ targets (`num_slices` > 1) add a `slice_index` to each device; sharding.make_mes
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -92,18 +93,33 @@ def _devices(topology: str, num_slices: int) -> tuple:
     # libtpu takes a host-wide lock meant for processes that drive TPU chips; compile-only
     # devices drive none, so several processes (pytest workers) may describe slices at once.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    # On a host without TPUs libtpu's start-up asks for these and warns; placeholders quiet it
-    # (a TPU VM sets its own). Compile-only devices take their topology from the target alone.
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
     try:
-        return tuple(topologies.get_topology_desc(topology, platform="tpu", **kwargs).devices)
+        with _startup_placeholders():
+            devices = topologies.get_topology_desc(topology, platform="tpu", **kwargs).devices
     except Exception as e:  # libtpu missing, or a topology it does not know
         raise ValueError(
             f"topology {topology!r}: libtpu cannot describe it ({str(e).splitlines()[0]}); "
             'install it with pip install "jax[tpu]" (the version jax pins)'
         ) from None
+    return tuple(devices)
+
+
+@contextlib.contextmanager
+def _startup_placeholders():
+    """On a host without TPUs libtpu's start-up asks for the accelerator type and the worker
+    hostnames, and warns; placeholders quiet it (a TPU VM sets its own). They are removed
+    again at once: JAX reads TPU_WORKER_HOSTNAMES as "this is a TPU pod" (and so would any
+    process started from this one), and compile-only devices take their topology from the
+    target alone."""
+    placeholders = {"TPU_ACCELERATOR_TYPE": "v5p-8", "TPU_WORKER_HOSTNAMES": "localhost"}
+    added = [k for k in placeholders if k not in os.environ]
+    os.environ.update({k: placeholders[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            del os.environ[k]
 
 
 def torus_shape(chips: int, dims: int) -> tuple[int, ...]:
