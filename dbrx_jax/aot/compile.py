@@ -184,13 +184,20 @@ def format_report(report: dict) -> str:
 def _advice(report: dict) -> list[str]:
     oom = report["out_of_memory"]
     advice = []
+    shards = math.prod(report["mesh"][a] for a in sharding.BATCH_AXES)
+    rows = report["batch_size"] // report["grad_accum_steps"]
+    if rows < shards:
+        advice.append(
+            f"a micro-batch of {rows} rows cannot split over the {shards} batch shards (its "
+            "activations are replicated): fewer micro-batches or a larger batch"
+        )
     temporaries = oom["temporaries"] or 0.0
     if temporaries > sum(oom["arguments"].values()):
         if report["remat_policy"] != "full":
             advice.append("--config.model.remat_policy=full (keeps only block inputs)")
-        advice.append(
-            f"more micro-batches: --config.grad_accum_steps={2 * report['grad_accum_steps']}"
-        )
+        more = 2 * report["grad_accum_steps"]
+        if report["step"] == "train" and report["batch_size"] // more >= shards:
+            advice.append(f"more micro-batches: --config.grad_accum_steps={more}")
         advice.append("a smaller --config.batch_size or --config.seq_len")
     advice.append(
         "more devices on fsdp / expert (a larger slice, or --sweep to find a mesh that fits)"
