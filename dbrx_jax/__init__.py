@@ -15,6 +15,8 @@ The package, bottom up (a module imports only from rows above it):
     optim.py, state.py, train.py, metrics.py, experiment.py   training
     generate.py    KV-cache generation and sampling
     aot/           compiling those programs for a TPU slice on any host: slices, reports
+                   (aot/topology.py, the TPU chip table, imports nothing of ours: flops.py
+                   reads its figures)
     cli.py         how entry points fail (one line) and stop (SIGTERM)
 
 The shape legend every module uses is in dbrx_jax/model/__init__.py.

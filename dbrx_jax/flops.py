@@ -9,33 +9,28 @@ from __future__ import annotations
 
 import jax
 
+from dbrx_jax.aot.topology import CHIPS
 from dbrx_jax.config import DbrxConfig
 
-# Dense bf16 peak FLOP/s per chip, for MFU (vendor figures; sparse figures are twice these).
+# Dense bf16 peak FLOP/s and HBM bytes/s per chip, for MFU and the decode roofline (vendor
+# figures; sparse FLOP/s are twice these). TPUs come from the chip table of aot/topology.py,
+# under the device kind jax reports ("TPU v5 lite" before "TPU v5": the lookup takes the first
+# name the kind contains) and the generation's own name.
+_TPUS = [
+    (name, chip) for chip in CHIPS.values() for name in (chip.device_kind, f"TPU {chip.generation}")
+]
 PEAK_FLOPS = {
     "H200": 989e12,
     "H100": 989e12,
     "A100": 312e12,
     "L4": 121e12,
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
+    **{name: chip.peak_flops for name, chip in _TPUS},
 }
-
-
-# HBM bandwidth per chip (bytes/s), for the decode roofline.
 PEAK_BANDWIDTH = {
     "H200": 4.8e12,
     "H100": 3.35e12,
     "A100": 2.0e12,
-    "TPU v5p": 2.76e12,
-    "TPU v5 lite": 8.2e11,
-    "TPU v6 lite": 1.64e12,
-    "TPU v4": 1.2e12,
+    **{name: chip.hbm_bandwidth for name, chip in _TPUS},
 }
 
 

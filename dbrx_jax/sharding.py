@@ -108,21 +108,28 @@ def device_grid(shape: list[int], devices: list) -> np.ndarray:
             )
         ici = [shape[0] // slices, *shape[1:]]
         dcn = [slices] + [1] * (len(shape) - 1)
-        return mesh_utils.create_hybrid_device_mesh(
-            ici, dcn, devices, allow_split_physical_axes=_needs_split(ici, devices, slices)
+        per_slice = [d for d in devices if getattr(d, "slice_index", 0) == 0]
+        return _lay(
+            lambda split: mesh_utils.create_hybrid_device_mesh(
+                ici, dcn, devices, allow_split_physical_axes=split
+            ),
+            ici,
+            per_slice,
         )
-    return mesh_utils.create_device_mesh(
-        shape, devices, allow_split_physical_axes=_needs_split(shape, devices, 1)
+    return _lay(
+        lambda split: mesh_utils.create_device_mesh(
+            shape, devices, allow_split_physical_axes=split
+        ),
+        shape,
+        devices,
     )
 
 
-def _needs_split(shape: list[int], devices: list, slices: int) -> bool:
-    """Whether `shape` can be laid on one slice's torus only by splitting a physical axis
-    (logged when so)."""
-    per_slice = [d for d in devices if getattr(d, "slice_index", 0) == 0] if slices > 1 else devices
+def _lay(create, shape: list[int], per_slice: list) -> np.ndarray:
+    """`create(split)` on whole physical axes; where that is impossible, again with a physical
+    axis split, logged with the torus (of `per_slice`, one slice's devices)."""
     try:
-        mesh_utils.create_device_mesh(shape, per_slice, allow_split_physical_axes=False)
-        return False
+        return create(False)
     except (ValueError, NotImplementedError, AssertionError):
         pass
     torus = np.max([d.coords for d in per_slice], axis=0) + 1
@@ -136,7 +143,7 @@ def _needs_split(shape: list[int], devices: list, slices: int) -> bool:
         f" ({cores} devices per chip)" if cores > 1 else "",
         sorted({int(t) for t in torus if t > 1} | ({cores} if cores > 1 else set())),
     )
-    return True
+    return create(True)
 
 
 def parse_mesh(text: str) -> dict[str, int]:

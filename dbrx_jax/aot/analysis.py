@@ -190,11 +190,6 @@ def device_bytes(tree) -> int:
     return total
 
 
-def hbm_per_device(target: Target) -> int:
-    devices_per_chip = len(target.devices()) // target.chips
-    return target.chip.hbm_bytes // max(devices_per_chip, 1)
-
-
 def memory(compiled, arg_groups: dict[str, object], target: Target) -> dict[str, float]:
     """Per-device bytes: each argument group, temporaries, generated code, total, the HBM and
     the headroom (as fractions of HBM)."""
@@ -213,7 +208,7 @@ def memory(compiled, arg_groups: dict[str, object], target: Target) -> dict[str,
         + stats.temp_size_in_bytes
         + stats.generated_code_size_in_bytes
     )
-    out["hbm"] = float(hbm_per_device(target))
+    out["hbm"] = float(target.hbm_per_device)
     out["headroom"] = 1.0 - out["total"] / out["hbm"]
     return out
 
@@ -223,8 +218,7 @@ def roofline(
 ) -> dict[str, float]:
     """Lower bounds on one step's seconds per chip from compute, HBM and ICI traffic."""
     chip = target.chip
-    devices_per_chip = len(target.devices()) // target.chips
-    per_chip = max(devices_per_chip, 1)
+    per_chip = target.devices_per_chip
     compute = flops_per_device * per_chip / chip.peak_flops
     memory_s = hbm_bytes * per_chip / chip.hbm_bandwidth
     ici = sum(c.moved_bytes for c in comms) * per_chip / chip.ici_bandwidth
@@ -250,7 +244,7 @@ def out_of_memory(error: Exception, arg_groups: dict[str, object], target: Targe
     if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
         return None
     figures = [_gib(v, u) for v, u in re.findall(r"\(([\d.]+)([KMGT])\)?", text)]
-    hbm = float(hbm_per_device(target))
+    hbm = float(target.hbm_per_device)
     arguments = {name: float(device_bytes(tree)) for name, tree in arg_groups.items()}
     temporaries = figures[0] if "temporaries" in text and figures else None
     largest = sorted(

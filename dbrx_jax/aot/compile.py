@@ -49,6 +49,7 @@ def compile_report(
     that runs out of HBM gives a report with `fits: False` and the `out_of_memory` answer."""
     program, mesh = build_program(config, target, step)
     model_config = experiment.model_config(config.model)
+    plan = plan_moe(model_config, mesh)  # what the model built for `mesh` holds (cached)
     report: dict[str, object] = {
         "target": target.describe(),
         "step": step,
@@ -56,12 +57,10 @@ def compile_report(
         "model": config.model.preset,
         "batch_size": config.batch_size,
         "seq_len": config.seq_len,
-        "remat_policy": str(experiment.model_config(config.model).remat_policy),
+        "remat_policy": model_config.remat_policy,
         "grad_accum_steps": config.grad_accum_steps if step == "train" else 1,
-        "plan": plan_moe(model_config, mesh).describe(),
-        "attention": attention_impl_for(
-            model_config.attention_impl, plan_moe(model_config, mesh).platform
-        ),
+        "plan": plan.describe(),
+        "attention": attention_impl_for(model_config.attention_impl, plan.platform),
     }
     start = time.perf_counter()
     try:
@@ -101,7 +100,7 @@ def compile_report(
             for c in comms
         ],
         roofline=bound,
-        mfu_bound=ours * (devices // target.chips or 1) / chip.peak_flops / bound["step_s_bound"]
+        mfu_bound=ours * target.devices_per_chip / chip.peak_flops / bound["step_s_bound"]
         if bound["step_s_bound"]
         else None,
         tokens_per_s_bound=program.tokens / bound["step_s_bound"]

@@ -78,6 +78,15 @@ class Target:
     def chips(self) -> int:
         return math.prod(self.shape) * self.num_slices
 
+    @property
+    def devices_per_chip(self) -> int:
+        """Devices jax sees per chip (two TensorCores each on v4 and tpu7x compile-only)."""
+        return max(len(self.devices()) // self.chips, 1)
+
+    @property
+    def hbm_per_device(self) -> int:
+        return self.chip.hbm_bytes // self.devices_per_chip
+
     def devices(self) -> list:
         """The compile-only TPU devices of this target (all slices)."""
         return list(_devices(self.topology, self.num_slices))

@@ -22,7 +22,6 @@ Shape letters as in dbrx_jax/model/__init__.py.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -108,16 +107,7 @@ def read_config_json(source: Mapping[str, Any] | str | os.PathLike) -> tuple[dic
         raise FileNotFoundError(f"{path}: no such directory (expected an HF checkpoint)")
     if os.path.isdir(path):
         path = os.path.join(path, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such config.json")
-    with open(path) as f:
-        try:
-            hf = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(hf, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return hf, path
+    return files.read_json(path, "a transformers config.json object"), path
 
 
 def config_fields(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
