@@ -30,6 +30,7 @@ from absl import app
 from absl import logging as absl_logging
 
 from dbrx_jax.config import renamed_hint
+from dbrx_jax.io import files
 
 USER_ERRORS = (ValueError, OSError, FloatingPointError, app.UsageError)
 QUIET_LOGGERS = ("absl", "jax", "jax._src", "orbax", "grain", "tensorstore")
@@ -68,6 +69,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def _terminate(signum, frame):
+    files.TERMINATING.set()  # for when this exception lands where Python ignores it
     raise SystemExit(_SIGTERM_EXIT)
 
 

@@ -31,12 +31,17 @@ import logging
 import os
 import shutil
 import socket
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 PARTIAL_SUFFIX = ".partial"
+# Set by a termination request (dbrx_jax.cli's SIGTERM handler). The handler also raises, but an
+# exception raised where Python ignores exceptions (a gc callback) is lost: checked again before
+# an output is put in place, so a stopped write never completes.
+TERMINATING = threading.Event()
 _OWNER_FILE = ".writer"  # inside the partial directory: "<host> <pid>"
 
 
@@ -200,6 +205,8 @@ def output_directory(
         yield partial
         if barrier is not None:
             barrier("output_directory: written")
+        if TERMINATING.is_set():
+            raise SystemExit(128 + 15)  # SIGTERM, whose exception was lost
     except BaseException:
         if primary:
             shutil.rmtree(partial, ignore_errors=True)
