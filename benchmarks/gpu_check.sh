@@ -6,7 +6,7 @@
 # on PYTHONPATH. Every result goes to $OUT (default ./bench_out).
 #   1. the GPU-only tests of the fast paths (cuDNN attention, tokamax grouped GEMM) if pytest
 #      came with the wheels;
-#   2. bench_train on dbrx-bench (batch 4 x 2048 tokens, bf16 compute, fp32 master weights)
+#   2. bench_train on configs/dbrx_bench.py (dbrx-bench, batch 4 x 2048, bf16 compute, fp32 master)
 #      with the fast paths on, a profile of where the step's time goes, and the transformers
 #      step on the same config in its own process (--compare_hf);
 #   3. the same step with JAX's Hopper grouped GEMM (moe_gmm_impl=mgpu, profiled), with the
@@ -41,10 +41,9 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
     --prompt_len=8 --new_tokens=8)
   limit=300
 else
-  common=(--config=configs/bench.py:dbrx-bench --config.batch_size=4 --config.seq_len=2048
-    --config.model.dtype=bfloat16 --config.model.attention_impl=cudnn --iters=5)
-  generate=(--config=configs/bench.py:dbrx-bench --config.model.dtype=bfloat16
-    --config.model.param_dtype=bfloat16 --batches=1 --prompt_len=128 --new_tokens=128)
+  common=(--config=configs/dbrx_bench.py --iters=5)
+  generate=(--config=configs/dbrx_bench.py --config.model.param_dtype=bfloat16 --batches=1
+    --prompt_len=128 --new_tokens=128)
   limit=300
   export JAX_PLATFORMS=cuda
 fi

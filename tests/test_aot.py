@@ -11,7 +11,7 @@ import pytest
 from dbrx_jax import experiment, sharding
 from dbrx_jax.aot import analysis
 from dbrx_jax.aot import compile as aot
-from dbrx_jax.aot.topology import parse_target, torus_shape
+from dbrx_jax.aot.topology import parse_target, slice_targets, torus_shape
 from tests import helpers
 
 try:
@@ -174,3 +174,31 @@ def test_command_line(tmp_path):
         "experiments/aot_compile.py", "--config=configs/tiny.py", "--topology=v5p-7", check=False
     )
     assert bad.returncode == 1 and "--topology='v5p-7'" in bad.stderr
+    alone = helpers.run(
+        "experiments/aot_compile.py", "--config=configs/tiny.py", "--topology=v5e", check=False
+    )
+    assert alone.returncode == 1 and "a generation alone is searched with --sweep" in alone.stderr
+
+
+@pytest.mark.slow
+def test_the_slice_search_stops_at_the_smallest_slice_that_holds_the_step():
+    # A KV cache of 32 GiB (fp32, 1024 x 65536 slots): one or two 16 GiB v5e chips cannot hold
+    # it, which is known from the arguments alone, without compiling; four can.
+    config = _config(batch=1024, seq=65536, max_seq_len=65536)
+    rows = aot.smallest_slice(config, "v5e", "decode")
+    assert [(r["slice"], r["verdict"]) for r in rows] == [
+        ("v5e-1", "arguments exceed HBM"),
+        ("v5e-2", "arguments exceed HBM"),
+        ("v5e-4", "fits"),
+    ]
+    assert rows[0]["needed"] > 2 * rows[0]["hbm"] and rows[0]["report"] is None
+    assert rows[-1]["report"]["fits"] and rows[-1]["report"]["memory"]["headroom"] > 0
+    assert "smallest slice: v5e-4" in aot.slices_summary(rows)
+
+
+def test_a_generation_lists_its_slices_smallest_first():
+    assert [t.name for t in slice_targets("v6e")][:3] == ["v6e-1", "v6e-2", "v6e-4"]
+    assert [t.name for t in slice_targets("v5p")][:2] == ["v5p-8", "v5p-16"]
+    assert slice_targets("v5p")[-1].chips == 8192 and slice_targets("v5e")[-1].chips == 256
+    with pytest.raises(ValueError, match="expected a generation"):
+        slice_targets("v9")

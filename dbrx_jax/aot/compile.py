@@ -1,7 +1,7 @@
 """Compiling the trainer's and the generator's programs for a TPU slice on a host without one,
 and what comes back: a report (per-device memory against HBM, FLOPs, collectives, a roofline
 bound, compile seconds), an out-of-memory answer, and a sweep over meshes, remat policies and
-micro-batch counts.
+micro-batch counts, and a search for the smallest slice of a generation that holds a step.
 
     report = compile_report(experiment_config, parse_target("v5p-128"), step="train")
     print(format_report(report))
@@ -18,7 +18,7 @@ import ml_collections
 
 from dbrx_jax import experiment, sharding
 from dbrx_jax.aot import analysis, programs
-from dbrx_jax.aot.topology import GiB, Target
+from dbrx_jax.aot.topology import GiB, Target, slice_targets
 from dbrx_jax.model.layers import attention_impl_for
 from dbrx_jax.moe.plan import plan_moe
 
@@ -204,9 +204,12 @@ def _advice(report: dict) -> list[str]:
     return advice
 
 
-def candidate_meshes(devices: int, experts: int, kv_heads: int, batch: int) -> list[dict]:
+def candidate_meshes(
+    devices: int, experts: int, kv_heads: int, batch: int | None = None
+) -> list[dict]:
     """(data, fsdp, expert, tensor) factorizations of `devices` that divide the model: expert
-    divides the experts, tensor the KV heads, and the batch splits over data x fsdp x expert."""
+    divides the experts, tensor the KV heads, and a training `batch` splits over data x fsdp x
+    expert (generation replicates what does not split, so it passes None)."""
     out = []
     for expert, tensor in itertools.product(range(1, experts + 1), range(1, kv_heads + 1)):
         if experts % expert or kv_heads % tensor or devices % (expert * tensor):
@@ -214,9 +217,18 @@ def candidate_meshes(devices: int, experts: int, kv_heads: int, batch: int) -> l
         rest = devices // (expert * tensor)
         for data in (d for d in range(1, rest + 1) if rest % d == 0):
             fsdp = rest // data
-            if batch % (data * fsdp * expert) == 0:
+            if batch is None or batch % (data * fsdp * expert) == 0:
                 out.append({"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor})
     return out
+
+
+def _meshes(devices: int, model, batch: int | None) -> list[dict]:
+    """Candidate meshes, parameters sharded widest first (fewest data replicas, then the least
+    tensor parallelism, then the most expert parallelism)."""
+    return sorted(
+        candidate_meshes(devices, model.moe_num_experts, model.kv_n_heads, batch),
+        key=lambda m: (m["data"], m["tensor"], -m["expert"]),
+    )
 
 
 def sweep(
@@ -232,11 +244,7 @@ def sweep(
     widest), remat policies and micro-batch counts, at most `limit` compiles; returns the
     reports that fit, best roofline bound first."""
     model = experiment.model_config(config.model)
-    devices = len(target.devices())
-    meshes = sorted(
-        candidate_meshes(devices, model.moe_num_experts, model.kv_n_heads, config.batch_size),
-        key=lambda m: (m["data"], m["tensor"], -m["expert"]),
-    )
+    meshes = _meshes(len(target.devices()), model, config.batch_size if step == "train" else None)
     remats = remat_policies if step == "train" else (model.remat_policy,)
     counts = [m for m in micro_batches if step == "train" and config.batch_size % m == 0] or [1]
     results = []
@@ -270,3 +278,118 @@ def fits_summary(reports: list[dict]) -> str:
             f"{(r['mfu_bound'] or math.nan):.0%}"
         )
     return "\n".join(rows)
+
+
+def _micro_batches(batch: int, mesh: dict) -> list[int]:
+    """Micro-batch counts whose micro-batches still split over every batch shard, most first
+    (fewest activation bytes)."""
+    shards = math.prod(mesh[a] for a in sharding.BATCH_AXES)
+    return [m for m in range(batch, 0, -1) if batch % m == 0 and (batch // m) % shards == 0]
+
+
+def smallest_slice(
+    config: ml_collections.ConfigDict,
+    generation: str,
+    step: str = "train",
+    num_slices: int = 1,
+    *,
+    meshes_per_slice: int = 4,
+) -> list[dict]:
+    """Walks `generation`'s slices from the smallest and stops at the first that holds `step`.
+
+    On each slice it tries up to `meshes_per_slice` candidate meshes (parameters sharded widest
+    first), each at its lightest setting: full remat and the most micro-batches that still split
+    over the batch shards (train), or the config's own (prefill, decode). A mesh whose arguments
+    alone (parameters, optimizer state, batch or KV cache, as sharded) exceed the HBM is ruled
+    out without compiling. Returns one row per slice tried: `slice`, `chips`, `verdict`
+    ("fits", "out of memory", "arguments exceed HBM", "no mesh", "not described by libtpu"),
+    the per-device bytes `needed`
+    of the closest attempt, `hbm`, and `report` (the fitting compile's report, or the closest
+    out-of-memory one). The fitting slice's mesh is not tuned for speed: `sweep` it next."""
+    model = experiment.model_config(config.model)
+    rows = []
+    for target in slice_targets(generation, num_slices):
+        row = {"slice": target.name, "chips": target.chips, "verdict": "no mesh"}
+        row.update(needed=None, report=None, hbm=None)
+        try:
+            devices = len(target.devices())
+        except ValueError as e:  # a torus libtpu does not describe
+            log.info("slice search: %s skipped: %s", target.name, e)
+            row["verdict"] = "not described by libtpu"
+            rows.append(row)
+            continue
+        row["hbm"] = float(target.hbm_per_device)
+        meshes = _meshes(devices, model, config.batch_size if step == "train" else None)
+        for mesh in meshes[:meshes_per_slice]:
+            trial = config.copy_and_resolve_references()
+            trial.unlock()
+            trial.mesh.update(mesh)
+            if step == "train":
+                trial.model.remat_policy = "full"
+                trial.grad_accum_steps = _micro_batches(config.batch_size, mesh)[0]
+            trial.lock()
+            try:
+                program, _ = build_program(trial, target, step)
+            except ValueError as e:  # a mesh the model or batch cannot use
+                log.info("slice search: %s %s skipped: %s", target.name, mesh, e)
+                continue
+            arguments = float(analysis.device_bytes(program.args))
+            if arguments > target.hbm_per_device:
+                if row["needed"] is None or arguments < row["needed"]:
+                    row.update(verdict="arguments exceed HBM", needed=arguments)
+                log.info(
+                    "slice search: %s %s: arguments alone %.1f GiB per device",
+                    target.name,
+                    mesh,
+                    arguments / GiB,
+                )
+                continue
+            report = compile_report(trial, target, step)
+            needed = (
+                report["memory"]["total"] if report["fits"] else (report["out_of_memory"]["needed"])
+            )
+            log.info(
+                "slice search: %s %s: %s (%.1f GiB per device)",
+                target.name,
+                mesh,
+                "fits" if report["fits"] else "out of memory",
+                needed / GiB,
+            )
+            if report["fits"]:
+                row.update(verdict="fits", needed=needed, report=report)
+                break
+            if row["verdict"] != "out of memory" or needed < row["needed"]:
+                row.update(verdict="out of memory", needed=needed, report=report)
+        rows.append(row)
+        if row["verdict"] == "fits":
+            break
+    return rows
+
+
+def slices_summary(rows: list[dict]) -> str:
+    """The slice search as a table; the last line names the smallest slice that fits."""
+    lines = ["slice        chips  verdict                   needs per device       mesh"]
+    for r in rows:
+        need = f"{r['needed'] / GiB:.1f} of {r['hbm'] / GiB:.0f} GiB" if r["needed"] else "-"
+        lines.append(f"{r['slice']:<13}{r['chips']:<7}{r['verdict']:<26}{need:<23}{_mesh(r)}")
+    best = rows[-1] if rows and rows[-1]["verdict"] == "fits" else None
+    if best:
+        report = best["report"]
+        train = (
+            f", remat {report['remat_policy']}, micro-batches {report['grad_accum_steps']}"
+            if report["step"] == "train"
+            else ""
+        )
+        lines.append(
+            f"smallest slice: {best['slice']} (mesh data,fsdp,expert,tensor = {_mesh(best)}"
+            f"{train}, headroom {report['memory']['headroom']:.0%}); "
+            f"--sweep --topology={best['slice']} tunes it"
+        )
+    else:
+        lines.append("no slice of this generation holds it")
+    return "\n".join(lines)
+
+
+def _mesh(row: dict) -> str:
+    report = row["report"]
+    return ",".join(str(report["mesh"][a]) for a in sharding.MESH_AXES) if report else "-"

@@ -37,6 +37,7 @@ class Chip:
     hbm_bandwidth: float  # bytes/s
     ici_bandwidth: float  # bidirectional bytes/s per chip, all links together
     dcn_bandwidth: float | None  # bytes/s per chip between slices, where published
+    max_chips: int  # the largest slice (one pod) Cloud TPU offers
     source: str
 
     @property
@@ -46,15 +47,15 @@ class Chip:
 
 # fmt: off
 CHIPS = {c.generation: c for c in (
-    Chip("v4", "TPU v4", 3, 2, 275e12, 32 * GiB, 1.2e12, 300e9, None,
+    Chip("v4", "TPU v4", 3, 2, 275e12, 32 * GiB, 1.2e12, 300e9, None, 4096,
          "cloud.google.com/tpu/docs/v4 (ICI: 6 links x 50 GB/s)"),
-    Chip("v5e", "TPU v5 lite", 2, 1, 197e12, 16 * GiB, 819e9, 400e9, None,
+    Chip("v5e", "TPU v5 lite", 2, 1, 197e12, 16 * GiB, 819e9, 400e9, None, 256,
          "cloud.google.com/tpu/docs/v5e"),
-    Chip("v5p", "TPU v5", 3, 2, 459e12, 95 * GiB, 2765e9, 1200e9, 50e9 / 8,
+    Chip("v5p", "TPU v5", 3, 2, 459e12, 95 * GiB, 2765e9, 1200e9, 50e9 / 8, 8960,
          "cloud.google.com/tpu/docs/v5p (DCN: 50 Gbps per chip)"),
-    Chip("v6e", "TPU v6 lite", 2, 1, 918e12, 32 * GiB, 1638e9, 800e9, None,
+    Chip("v6e", "TPU v6 lite", 2, 1, 918e12, 32 * GiB, 1638e9, 800e9, None, 256,
          "cloud.google.com/tpu/docs/v6e"),
-    Chip("tpu7x", "TPU7x", 3, 2, 2307e12, 192 * GiB, 7380e9, 1200e9, None,
+    Chip("tpu7x", "TPU7x", 3, 2, 2307e12, 192 * GiB, 7380e9, 1200e9, None, 9216,
          "cloud.google.com/tpu/docs/tpu7x (HBM and ICI: Ironwood announcement figures)"),
 )}
 # fmt: on
@@ -97,12 +98,19 @@ class Target:
         return f"{self.name} ({self.topology}{slices}: {self.chips} chips of {kind})"
 
 
+_CHIPS_PER_HOST = (2, 2, 1)  # libtpu's default host: 4 chips
+
+
 @functools.lru_cache(maxsize=16)
 def _devices(topology: str, num_slices: int) -> tuple:
     # libtpu takes a host-wide lock meant for processes that drive TPU chips; compile-only
     # devices drive none, so several processes (pytest workers) may describe slices at once.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+    shape = [int(n) for n in topology.split(":")[1].split("x")] + [1]
+    hosts = tuple(min(n, bound) for n, bound in zip(shape, _CHIPS_PER_HOST, strict=False))
+    if hosts != _CHIPS_PER_HOST:  # a slice smaller than one host (v5e-1, v6e-2)
+        kwargs["chips_per_host_bounds"] = hosts
     try:
         with _startup_placeholders():
             devices = topologies.get_topology_desc(topology, platform="tpu", **kwargs).devices
@@ -142,6 +150,32 @@ def torus_shape(chips: int, dims: int) -> tuple[int, ...]:
     if dims == 3 and chips <= 4:
         shape = sorted(shape, reverse=True)  # 2x2x1, 2x1x1
     return tuple(shape)
+
+
+def is_generation(text: str) -> bool:
+    """Whether `text` names a generation alone (v5p, v6e), not a slice."""
+    key = text.strip().lower()
+    return _ALIASES.get(key, key) in CHIPS
+
+
+def slice_targets(generation: str, num_slices: int = 1, min_chips: int = 1) -> list[Target]:
+    """A generation's slices (the usual tori, power-of-two chip counts up to one pod), smallest
+    first: what a search for the smallest slice that fits walks through."""
+    key = generation.strip().lower()
+    if not is_generation(key):
+        raise ValueError(
+            f"--topology={generation!r}: expected a generation ({sorted(CHIPS)}) to search its "
+            "slices, a slice name such as v5p-128, or a topology such as v5p:4x4x4"
+        )
+    chip = CHIPS[_ALIASES.get(key, key)]
+    per_chip = chip.cores_per_chip if chip.names_count_cores else 1
+    smallest = 4 if chip.torus_dims == 3 else 1  # 3D slices start at one host (2x2x1)
+    counts = (2**e for e in range(chip.max_chips.bit_length()))
+    return [
+        parse_target(f"{chip.generation}-{n * per_chip}", num_slices)
+        for n in counts
+        if max(smallest, min_chips) <= n <= chip.max_chips
+    ]
 
 
 def parse_target(text: str, num_slices: int = 1) -> Target:
