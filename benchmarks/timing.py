@@ -78,7 +78,7 @@ def time_train_step(
     `profile_steps` > 0 where the time goes (profiling.py; the trace is kept in `trace_dir` if
     given)."""
     tx = optax.adamw(1e-4)
-    graphdef, params, opt_state = state.init_train_state(config, tx, mesh, seed=seed)
+    graphdef, params, opt_state, _ = state.init_train_state(config, tx, mesh, seed=seed)
     step = train.make_train_step(graphdef, tx)
     tokens = random_tokens(config.vocab_size, (batch_size, seq_len + 1), seed)
     batch = sharding.shard_batch(data.model_batch(tokens), mesh)

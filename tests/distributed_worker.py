@@ -34,7 +34,7 @@ def main():
     config = DbrxConfig.preset("dbrx-tiny")
     mesh = sharding.make_mesh({"data": 2, "expert": 4})
     tx = optax.adamw(1e-3)
-    graphdef, params, opt_state = state.init_train_state(config, tx, mesh, seed=0)
+    graphdef, params, opt_state, _ = state.init_train_state(config, tx, mesh, seed=0)
     step = train.make_train_step(graphdef, tx)
     rng = np.random.RandomState(0)
     rows_per_process = 8 // jax.process_count()

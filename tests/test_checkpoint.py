@@ -99,12 +99,12 @@ def _data_iterator():
 
 @pytest.mark.slow
 def test_restore_onto_a_different_mesh(tmp_path):
-    model_config, tx, _, (graphdef, params, opt_state) = _state({"data": 8})
+    model_config, tx, _, (graphdef, params, opt_state, _) = _state({"data": 8})
     saver = checkpoint.Checkpointer(str(tmp_path))
     saver.save(5, {"params": params, "opt_state": opt_state}, _data_iterator(), {"a": 1})
     saver.wait()
     mesh = sharding.make_mesh({"data": 2, "expert": 4})
-    graphdef, abstract_params, abstract_opt = state.abstract_train_state(model_config, tx, mesh)
+    graphdef, abstract_params, abstract_opt, _ = state.abstract_train_state(model_config, tx, mesh)
     restored = checkpoint.Checkpointer(str(tmp_path)).restore(
         5, {"params": abstract_params, "opt_state": abstract_opt}, _data_iterator()
     )
@@ -120,7 +120,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
 
 
 def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
-    _, _, _, (_, params, opt_state) = _state({"data": 8})
+    _, _, _, (_, params, opt_state, _) = _state({"data": 8})
     saver = checkpoint.Checkpointer(str(tmp_path))
     for step in (5, 10):
         saver.save(step, {"params": params, "opt_state": opt_state}, _data_iterator(), {})
@@ -140,7 +140,7 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
 
 @pytest.mark.slow
 def test_a_nonfinite_step_is_skipped_not_applied():
-    _, tx, mesh, (graphdef, params, opt_state) = _state({"data": 8})
+    _, tx, mesh, (graphdef, params, opt_state, _) = _state({"data": 8})
     before = jax.device_get(params)
     tokens = np.random.RandomState(0).randint(4, 200, (8, 17)).astype(np.int32)
     batch = data.model_batch(tokens)

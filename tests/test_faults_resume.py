@@ -114,7 +114,7 @@ def _data_iterator():
 
 def _abstract(optimizer="adamw"):
     model_config, tx, mesh = _small_state(optimizer)
-    _, params, opt_state = state.abstract_train_state(model_config, tx, mesh)
+    _, params, opt_state, _ = state.abstract_train_state(model_config, tx, mesh)
     return {"params": params, "opt_state": opt_state}
 
 
@@ -123,7 +123,7 @@ def saved(tmp_path_factory):
     """Checkpoints at steps 5 and 10 of the small state (each test damages a copy)."""
     directory = tmp_path_factory.mktemp("saved")
     model_config, tx, mesh = _small_state()
-    _, params, opt_state = state.init_train_state(model_config, tx, mesh)
+    _, params, opt_state, _ = state.init_train_state(model_config, tx, mesh)
     saver = checkpoint.Checkpointer(str(directory))
     for step in (5, 10):
         saver.save(step, {"params": params, "opt_state": opt_state}, _data_iterator(), {})

@@ -84,7 +84,7 @@ def test_the_train_step_can_be_compiled_ahead_of_time():
     config = DbrxConfig.preset("dbrx-tiny")
     mesh = sharding.make_mesh({"data": -1})
     tx = optax.adamw(1e-3)
-    graphdef, params, opt_state = state.init_train_state(config, tx, mesh)
+    graphdef, params, opt_state, _ = state.init_train_state(config, tx, mesh)
     step = train.make_train_step(graphdef, tx)
     batch = sharding.shard_batch(data.model_batch(np.zeros((8, 17), np.int32)), mesh)
     compiled = step.lower(params, opt_state, batch, None).compile()

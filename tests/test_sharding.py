@@ -145,7 +145,7 @@ def _expert_weight_gathers(hlo: str, config: DbrxConfig, sizes) -> list[str]:
 def _compiled_train_step_hlo(config, sizes):
     mesh = sharding.make_mesh(sizes)
     tx = optax.adamw(1e-3)
-    graphdef, params, opt_state = state.init_train_state(config, tx, mesh)
+    graphdef, params, opt_state, _ = state.init_train_state(config, tx, mesh)
     batch = sharding.shard_batch(data.model_batch(np.zeros((8, 13), np.int32)), mesh)
 
     def step(params, opt_state, batch):

@@ -35,7 +35,7 @@ def _setup(config):
     mesh = sharding.make_mesh(dict(config.mesh))
     model_config = experiment.model_config(config.model)
     tx = optim.make_optimizer(config)
-    graphdef, params, opt_state = state.init_train_state(model_config, tx, mesh, config.seed)
+    graphdef, params, opt_state, _ = state.init_train_state(model_config, tx, mesh, config.seed)
     step = train.make_train_step(graphdef, tx, config.grad_accum_steps)
     return mesh, graphdef, params, opt_state, step
 

@@ -345,9 +345,11 @@ def smallest_slice(
                 )
                 continue
             report = compile_report(trial, target, step)
-            needed = (
-                report["memory"]["total"] if report["fits"] else (report["out_of_memory"]["needed"])
-            )
+            # Compiled but over HBM ("memory"), or stopped by the compiler ("out_of_memory").
+            if "memory" in report:
+                needed = report["memory"]["total"]
+            else:
+                needed = report["out_of_memory"]["needed"]
             log.info(
                 "slice search: %s %s: %s (%.1f GiB per device)",
                 target.name,

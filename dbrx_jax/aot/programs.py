@@ -62,7 +62,7 @@ def train_program(
 ) -> Program:
     """The trainer's own step (train.make_train_step) for `experiment`'s batch and seq_len."""
     tx = make_optimizer(experiment)
-    graphdef, params, opt_state = state.abstract_train_state(model_config, tx, mesh)
+    graphdef, params, opt_state, frozen = state.abstract_train_state(model_config, tx, mesh)
     step = train.make_train_step(graphdef, tx, experiment.grad_accum_steps)
     B, T = experiment.batch_size, experiment.seq_len
     batch = {k: _sharded((B, T), dtype, mesh, _batch_spec(2)) for k, dtype in BATCH_KEYS.items()}
@@ -71,10 +71,15 @@ def train_program(
     return Program(
         step="train",
         fn=step,
-        args=(params, opt_state, batch, key),
+        args=(params, opt_state, batch, key, frozen),
         tokens=tokens,
         model_flops=float(flops.train_flops_per_token(model_config, T)) * tokens,
-        arg_groups={"parameters": params, "optimizer state": opt_state, "batch": batch},
+        arg_groups={
+            "parameters": params,
+            "optimizer state": opt_state,
+            "batch": batch,
+            **({"frozen base": frozen} if frozen else {}),
+        },
     )
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from dbrx_jax import sharding
+from dbrx_jax import lora, sharding
 from dbrx_jax.config import REMAT_POLICIES, DbrxConfig
 from dbrx_jax.model.block import ACTIVATION_AXES, DbrxBlock
 from dbrx_jax.model.layers import (
@@ -30,7 +30,7 @@ from dbrx_jax.model.layers import (
 )
 from dbrx_jax.moe.plan import plan_moe
 from dbrx_jax.moe.routing import Routing
-from dbrx_jax.nn import MATMUL_RESULTS, param
+from dbrx_jax.nn import MATMUL_RESULTS, at_least_fp32, param
 from dbrx_jax.sharding import constrain
 
 CACHE_AXES = ("layers", "batch", "seq", "kv_heads", "head_dim")
@@ -228,6 +228,24 @@ class Dbrx(nnx.Module):
         if mesh is not None:
             state = jax.device_put(state, sharding.param_shardings(state, mesh))
         return nnx.merge(graphdef, state)
+
+    def merge_lora(self) -> Dbrx:
+        """This model without its adapters (lora.py): every adapted weight becomes
+        `W + scale * A B` (summed in at least fp32, stored in the weight's dtype), on the same
+        mesh. What an export with `--merge_lora` writes, and what transformers then loads."""
+        config = self.config.replace(lora_rank=0)
+        graphdef, _ = nnx.split(
+            nnx.eval_shape(lambda: Dbrx(config, rngs=nnx.Rngs(0), mesh=self.mesh))
+        )
+        weights = dict(nnx.to_flat_state(nnx.state(self, nnx.Param)))
+        merged = {path: v for path, v in weights.items() if not isinstance(v, nnx.LoRAParam)}
+        for path, module in nnx.iter_graph(self):
+            if isinstance(module, lora.Adapter):
+                weight_path = (*path[:-1], str(path[-1]).removesuffix("_lora"))
+                w = merged[weight_path]
+                total = w[...].astype(at_least_fp32(w.dtype)) + module.delta()
+                merged[weight_path] = w.replace(total.astype(w.dtype))
+        return nnx.merge(graphdef, nnx.from_flat_state(list(merged.items())))
 
     def _sequence_layout(self, B, T, positions_BT, segment_ids_BT):
         """Positions and mask of T tokens that attend only to each other (training); no mask

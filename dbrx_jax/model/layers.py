@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import Mesh
 
+from dbrx_jax import lora
 from dbrx_jax.config import DbrxConfig
 from dbrx_jax.model.splash import splash_attention
 from dbrx_jax.moe.plan import platform_of
@@ -208,6 +209,9 @@ class Attention(nnx.Module):
         self.out = param(
             rngs, (c.n_heads, c.head_dim, c.d_model), ("heads", "head_dim", "embed"), c, std=std
         )
+        adapted = lora.targets(c)
+        self.wqkv_lora = nnx.data(self._adapter(c, "attn.wqkv", self.wqkv, adapted, rngs))
+        self.out_lora = nnx.data(self._adapter(c, "attn.out", self.out, adapted, rngs))
         self.clip_qkv = c.clip_qkv
         platform = platform_of(mesh)
         self.impl = attention_impl_for(c.attention_impl, platform)
@@ -274,7 +278,15 @@ class Attention(nnx.Module):
                     )
             out_BTNH = saved_for_backward(out_BTNH, "attention")
             out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.out[...].astype(self.dtype))
+            if self.out_lora is not None:
+                out_BTD += self.out_lora(out_BTNH, "BTNH,NHr->BTr", "BTr,rD->BTD")
             return saved_for_backward(out_BTD, "attention_out"), cache
+
+    @staticmethod
+    def _adapter(c, name, weight, adapted, rngs) -> lora.Adapter | None:
+        if name not in adapted:
+            return None
+        return lora.Adapter(c, name, weight.shape, weight.get_metadata("logical_axes"), rngs=rngs)
 
     def project(
         self, x_BTD: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array
@@ -284,6 +296,8 @@ class Attention(nnx.Module):
         _, K, J, H = self.wqkv.shape
         G = J - 2
         qkv_BTKJH = jnp.einsum("BTD,DKJH->BTKJH", x_BTD, self.wqkv[...].astype(self.dtype))
+        if self.wqkv_lora is not None:
+            qkv_BTKJH += self.wqkv_lora(x_BTD, "BTD,Dr->BTr", "BTr,rKJH->BTKJH")
         qkv_BTKJH = saved_for_backward(qkv_BTKJH, "qkv")
         if self.clip_qkv is not None:
             # Clip the whole fused output, Q, K and V alike, before RoPE, as the reference.

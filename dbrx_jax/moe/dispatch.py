@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from dbrx_jax.lora import project
 from dbrx_jax.moe.gmm import GroupedMatmul
 from dbrx_jax.nn import at_least_fp32, saved_for_backward
 
@@ -81,16 +82,18 @@ def combine(y_MAD: jax.Array, weights_MA: jax.Array) -> jax.Array:
 
 
 def glu(x, w1, v1, w2, act: Activation, matmul):
-    """`act(x @ w1) * (x @ v1) @ w2` with the given (grouped or batched) matmul. With `v1=None`,
-    `w1` is the fused `[..., D, 2F]` = [w1 | v1] (see `fuse_gate_up`): one GEMM for gate and up."""
+    """`act(x @ w1) * (x @ v1) @ w2` with the given (grouped, batched or gathered) matmul; a
+    weight with an adapter (`lora.LowRank`) adds its low-rank term by the same matmul. With
+    `v1=None`, `w1` is the fused `[..., D, 2F]` = [w1 | v1] (see `fuse_gate_up`): one GEMM for
+    gate and up."""
     with jax.named_scope("expert_gemm"):  # benchmarks/profiling.py attributes time by scope
         if v1 is None:
-            gate_up = saved_for_backward(matmul(x, w1), "expert_gate_up")
+            gate_up = saved_for_backward(project(matmul, x, w1), "expert_gate_up")
             gate, up = jnp.split(gate_up, 2, axis=-1)
         else:
-            gate = saved_for_backward(matmul(x, w1), "expert_gate_up")
-            up = saved_for_backward(matmul(x, v1), "expert_gate_up")
-        return saved_for_backward(matmul(act(gate) * up, w2), "expert_down")
+            gate = saved_for_backward(project(matmul, x, w1), "expert_gate_up")
+            up = saved_for_backward(project(matmul, x, v1), "expert_gate_up")
+        return saved_for_backward(project(matmul, act(gate) * up, w2), "expert_down")
 
 
 def fuse_gate_up(w1_EDF: jax.Array, v1_EDF: jax.Array) -> jax.Array:
@@ -102,21 +105,23 @@ def fuse_gate_up(w1_EDF: jax.Array, v1_EDF: jax.Array) -> jax.Array:
 def _dense(x_MD, expert_ids_MA, w1_EDF, v1_EDF, w2_EFD, act):
     """1. y_e = expert e on every token, for all E experts.
     2. Each token keeps the outputs of its chosen experts, slot by slot."""
-    hidden_MEF = act(jnp.einsum("MD,EDF->MEF", x_MD, w1_EDF)) * jnp.einsum(
-        "MD,EDF->MEF", x_MD, v1_EDF
-    )
-    y_MED = jnp.einsum("MEF,EFD->MED", hidden_MEF, w2_EFD)
+
+    def every_expert(x, w_EIO):  # x: [M, I] (the tokens) or [M, E, I] (per expert)
+        return jnp.einsum("MI,EIO->MEO" if x.ndim == 2 else "MEI,EIO->MEO", x, w_EIO)
+
+    y_MED = glu(x_MD, w1_EDF, v1_EDF, w2_EFD, act, every_expert)
     return jnp.take_along_axis(y_MED, expert_ids_MA[:, :, None], axis=1)
 
 
 def _gather(x_MD, expert_ids_MA, w1_EDF, v1_EDF, w2_EFD, act):
     """Each assignment's expert matrices gathered and applied to its token: M * A copies of
     [D, F] matrices, so only for a few tokens (decoding)."""
-    w1_MADF, v1_MADF, w2_MAFD = (w[expert_ids_MA] for w in (w1_EDF, v1_EDF, w2_EFD))
-    hidden_MAF = act(jnp.einsum("MD,MADF->MAF", x_MD, w1_MADF)) * jnp.einsum(
-        "MD,MADF->MAF", x_MD, v1_MADF
-    )
-    return jnp.einsum("MAF,MAFD->MAD", hidden_MAF, w2_MAFD)
+
+    def chosen_experts(x, w_EIO):  # x: [M, I] (the tokens) or [M, A, I] (per assignment)
+        spec = "MI,MAIO->MAO" if x.ndim == 2 else "MAI,MAIO->MAO"
+        return jnp.einsum(spec, x, w_EIO[expert_ids_MA])
+
+    return glu(x_MD, w1_EDF, v1_EDF, w2_EFD, act, chosen_experts)
 
 
 def dropless(

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from dbrx_jax.lora import LowRank
 from dbrx_jax.moe.dispatch import (
     Activation,
     collect_rows,
@@ -73,10 +74,24 @@ def sharded_experts(
     batch = P() if replicated else P(BATCH_AXES)
     w13 = P("expert", None, "tensor")
     w2 = P("expert", "tensor", None)
+    # An adapter goes with its experts: A whole over its input dim (as the weight, gathered
+    # over fsdp), B split over F like w1 and v1; w2's A split over F (its partial products
+    # are summed by the psum over `tensor` with the weight's).
+    if isinstance(w1_EDF, LowRank):
+        w13_1 = LowRank(w13, P("expert", None, None), w13, w1_EDF.scale)
+    else:
+        w13_1 = w13
+    if isinstance(v1_EDF, LowRank):
+        w13_v = LowRank(w13, P("expert", None, None), w13, v1_EDF.scale)
+    else:
+        w13_v = w13
+    if isinstance(w2_EFD, LowRank):
+        w2 = LowRank(w2, w2, P("expert", None, None), w2_EFD.scale)
+    adapted = any(isinstance(w, LowRank) for w in (w1_EDF, v1_EDF, w2_EFD))
 
     def local(x_BTD, ids_BTA, weights_BTA, w1, v1, w2):
         B, T, D = x_BTD.shape
-        if plan.fuse_gate_up:
+        if plan.fuse_gate_up and not adapted:
             w1, v1 = fuse_gate_up(w1, v1), None
         args = (
             x_BTD.reshape(B * T, D),
@@ -98,7 +113,7 @@ def sharded_experts(
     return jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(batch, batch, batch, w13, w13, w2),
+        in_specs=(batch, batch, batch, w13_1, w13_v, w2),
         out_specs=batch,
         check_vma=False,
     )(x_BTD, expert_ids_BTA, weights_BTA, w1_EDF, v1_EDF, w2_EFD)

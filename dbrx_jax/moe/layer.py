@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 from flax import nnx, struct
 
+from dbrx_jax import lora
 from dbrx_jax.config import DbrxConfig
 from dbrx_jax.moe import dispatch, exchange
 from dbrx_jax.moe.plan import MoEPlan, plan_moe
@@ -40,21 +41,39 @@ class MoE(nnx.Module):
         self.w1 = param(rngs, (E, D, F), ("expert", "embed", "mlp"), c, std=std)
         self.v1 = param(rngs, (E, D, F), ("expert", "embed", "mlp"), c, std=std)
         self.w2 = param(rngs, (E, F, D), ("expert", "mlp", "embed"), c, std=std)
+        adapted = lora.targets(c)
+        for name in ("router", "w1", "v1", "w2"):
+            weight = getattr(self, name)
+            adapter = None
+            if f"ffn.{name}" in adapted:
+                axes = weight.get_metadata("logical_axes")
+                adapter = lora.Adapter(c, f"ffn.{name}", weight.shape, axes, rngs=rngs)
+            setattr(self, f"{name}_lora", nnx.data(adapter))
         self.config = c
         self.plan = plan if plan is not None else plan_moe(c)
 
     def __call__(self, x_BTD: jax.Array, jitter_key: jax.Array | None = None) -> MoEOutput:
         c, plan = self.config, self.plan
+        router_DE = self.router[...]
+        if self.router_lora is not None:  # [D, E]: merged, a rank-r update of a tiny matrix
+            router_DE = router_DE + self.router_lora.delta().astype(router_DE.dtype)
         with jax.named_scope("router"):
             routing = route(
                 x_BTD,
-                self.router[...],
+                router_DE,
                 top_k=c.moe_top_k,
                 normalize_p=c.moe_normalize_expert_weights,
                 jitter_eps=c.moe_jitter_eps,
                 jitter_key=jitter_key,
             )
-        w1, v1, w2 = (w[...].astype(c.compute_dtype) for w in (self.w1, self.v1, self.w2))
+        w1, v1, w2 = (
+            self._expert_weight(w, adapter)
+            for w, adapter in (
+                (self.w1, self.w1_lora),
+                (self.v1, self.v1_lora),
+                (self.w2, self.w2_lora),
+            )
+        )
         act = ACTIVATIONS[c.ffn_act_fn]
         if plan.expert_parallel:
             y_BTD = exchange.sharded_experts(
@@ -63,7 +82,8 @@ class MoE(nnx.Module):
             return MoEOutput(y_BTD=y_BTD, router=routing)
         B, T, D = x_BTD.shape
         impl = plan.dispatch_for(routing.expert_ids_BTA.size)
-        if plan.fuse_gate_up and impl in ("dropless", "capacity"):
+        adapted = isinstance(w1, lora.LowRank) or isinstance(v1, lora.LowRank)
+        if plan.fuse_gate_up and impl in ("dropless", "capacity") and not adapted:
             w1, v1 = dispatch.fuse_gate_up(w1, v1), None
         y_MD, dropped_MA = dispatch.experts(
             x_BTD.reshape(B * T, D),
@@ -79,3 +99,8 @@ class MoE(nnx.Module):
         )
         routing = routing.replace(dropped_BTA=dropped_MA.reshape(B, T, -1))
         return MoEOutput(y_BTD=y_MD.reshape(B, T, D), router=routing)
+
+    def _expert_weight(self, w: nnx.Param, adapter: lora.Adapter | None):
+        """An expert weight in the compute dtype, with its adapter if it has one."""
+        w = w[...].astype(self.config.compute_dtype)
+        return w if adapter is None else adapter.low_rank(w)

@@ -1,0 +1,199 @@
+"""LoRA (dbrx_jax/lora.py): adapters on every weight, routed experts included, through every
+MoE dispatch path and expert parallelism; only the adapters train."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from dbrx_jax import Dbrx, DbrxConfig, data, sharding, state, train
+from dbrx_jax.config import LORA_TARGETS
+
+TINY = DbrxConfig.preset("dbrx-tiny", vocab_size=128)
+ALL = "attn.*,ffn.*"
+TOKENS = jnp.asarray(np.random.RandomState(0).randint(0, 128, (2, 12)), jnp.int32)
+# Every weight's adapter product A B, written out per target (stacked layers L first).
+PRODUCTS = {
+    "attn.wqkv": "LDr,LrKJH->LDKJH",
+    "attn.out": "LNHr,LrD->LNHD",
+    "ffn.router": "LDr,LrE->LDE",
+    "ffn.w1": "LEDr,LErF->LEDF",
+    "ffn.v1": "LEDr,LErF->LEDF",
+    "ffn.w2": "LEFr,LErD->LEFD",
+}
+DISPATCHES = ["dense", "gather", "dropless", "capacity"]
+# HLO ops that hand an array on without computing one (a loop's inputs, say).
+PASSED_ALONG = {"parameter", "get-tuple-element", "tuple", "bitcast", "copy"}
+
+
+def _config(impl="dropless", **changes):
+    # capacity_factor 8: nothing is dropped, so the capacity path is exact too
+    return TINY.replace(moe_impl=impl, moe_capacity_factor=8.0, **changes)
+
+
+def _adapted(impl="dropless", targets=ALL, mesh=None, random_b=True, **changes):
+    """The base model (seed 0) and the same base with adapters (rank 4); B random unless
+    `random_b` is False (fresh adapters)."""
+    base = Dbrx(_config(impl, **changes), rngs=nnx.Rngs(0), mesh=mesh)
+    config = _config(impl, lora_rank=4, lora_alpha=8.0, lora_targets=targets, **changes)
+    adapted = Dbrx(config, rngs=nnx.Rngs(1), mesh=mesh)
+    nnx.update(adapted, nnx.state(base, nnx.Param))
+    if random_b:
+        for i, (_, v) in enumerate(nnx.to_flat_state(nnx.state(adapted, nnx.LoRAParam))):
+            v.set_value(0.1 * jax.random.normal(jax.random.key(i), v.shape, v.dtype))
+    return base, adapted
+
+
+def _loss(model):
+    logits = model(TOKENS).logits.astype(jnp.float32)
+    probe = jax.random.normal(jax.random.key(7), logits.shape, jnp.float32)
+    return jnp.sum(logits * probe) / logits.size
+
+
+def _adapter_grads(model):
+    graphdef, adapters, frozen = state.split_trainable(model)
+    return jax.jit(jax.grad(lambda a: _loss(nnx.merge(graphdef, a, *frozen))))(adapters)
+
+
+def _by_target(adapters) -> dict[str, dict[str, np.ndarray]]:
+    """{"ffn.w1": {"a": ..., "b": ...}, ...} from an adapter state."""
+    out = {}
+    for path, v in nnx.to_flat_state(adapters):
+        module, attr, which = (str(p) for p in path[-3:])
+        out.setdefault(f"{module}.{attr.removesuffix('_lora')}", {})[which] = np.asarray(v[...])
+    return out
+
+
+@pytest.mark.parametrize("impl", DISPATCHES)
+def test_fresh_adapters_leave_the_model_exactly_as_it_was(impl):
+    base, adapted = _adapted(impl, random_b=False)
+    assert set(_by_target(nnx.state(adapted, nnx.LoRAParam))) == set(LORA_TARGETS)
+    np.testing.assert_array_equal(adapted(TOKENS).logits, base(TOKENS).logits)
+
+
+def test_targets_are_patterns_and_unknown_ones_are_refused():
+    _, adapted = _adapted(targets="ffn.w*", random_b=False)
+    assert set(_by_target(nnx.state(adapted, nnx.LoRAParam))) == {"ffn.w1", "ffn.w2"}
+    with pytest.raises(ValueError, match="lora_targets='attn.qkv'.*matches no adaptable"):
+        TINY.replace(lora_rank=4, lora_targets="attn.qkv")
+    with pytest.raises(ValueError, match="lora_rank=-1"):
+        TINY.replace(lora_rank=-1)
+
+
+@pytest.mark.parametrize(
+    "impl",
+    [pytest.param(d, marks=[] if d == "dropless" else [pytest.mark.slow]) for d in DISPATCHES],
+)
+def test_adapter_gradients_match_a_float64_merged_reference(impl, x64):
+    """Our adapted model's gradients (fp32, this dispatch path, the low-rank terms by the
+    path's own matmuls) against float64 gradients of the base model with `W + s A B` merged
+    in by the einsums above, on the dense path."""
+    _, adapted = _adapted(impl)
+    ours = _by_target(_adapter_grads(adapted))
+    reference_model = Dbrx(
+        _config("dense", dtype="float64", param_dtype="float64"), rngs=nnx.Rngs(0)
+    )
+    graphdef, _ = nnx.split(reference_model, nnx.Param)
+    flat_base = dict(nnx.to_flat_state(nnx.state(reference_model, nnx.Param)))
+    for path, v in nnx.to_flat_state(nnx.state(adapted, nnx.Param)):
+        if not isinstance(v, nnx.LoRAParam):
+            flat_base[path].set_value(np.asarray(v[...], np.float64))
+    adapters64 = {
+        t: {k: jnp.asarray(x, jnp.float64) for k, x in ab.items()}
+        for t, ab in _by_target(nnx.state(adapted, nnx.LoRAParam)).items()
+    }
+    scale = 8.0 / 4
+
+    def merged_loss(adapters):
+        flat = {}
+        for path, v in flat_base.items():
+            name = ".".join(str(p) for p in path[-2:])
+            w = v[...]
+            if name in adapters:
+                ab = adapters[name]
+                w = w + scale * jnp.einsum(PRODUCTS[name], ab["a"], ab["b"]).reshape(w.shape)
+            flat[path] = v.replace(w)
+        return _loss(nnx.merge(graphdef, nnx.from_flat_state(list(flat.items()))))
+
+    reference = jax.grad(merged_loss)(adapters64)
+    for target, ab in reference.items():
+        for which, expected in ab.items():
+            got = ours[target][which]
+            scale_of = float(np.abs(expected).max())
+            assert scale_of > 0, (target, which)
+            np.testing.assert_allclose(
+                got, expected, rtol=0, atol=2e-5 * scale_of, err_msg=f"{target}.{which} ({impl})"
+            )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exchange", ["all_gather", "all_to_all"])
+def test_adapters_under_expert_parallelism_equal_one_device(exchange):
+    _, single = _adapted("dropless", moe_exchange=exchange)
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "expert": 4})
+    sharded = single.on_mesh(mesh)
+    assert sharded.plan.expert_parallel
+    np.testing.assert_allclose(sharded(TOKENS).logits, single(TOKENS).logits, atol=2e-5)
+    ours, expected = _by_target(_adapter_grads(sharded)), _by_target(_adapter_grads(single))
+    for target, ab in expected.items():
+        for which, value in ab.items():
+            np.testing.assert_allclose(
+                ours[target][which], value, atol=2e-5 * float(np.abs(value).max()) + 1e-9
+            )
+
+
+def test_merged_equals_unmerged():
+    _, adapted = _adapted("dropless")
+    merged = adapted.merge_lora()
+    assert merged.config.lora_rank == 0 and not nnx.state(merged, nnx.LoRAParam)
+    np.testing.assert_allclose(merged(TOKENS).logits, adapted(TOKENS).logits, atol=2e-6)
+
+
+def _train_step_program(lora_rank: int):
+    config = TINY.replace(lora_rank=lora_rank, lora_targets=ALL)
+    mesh = sharding.make_mesh({"data": 8})
+    tx = optax.adamw(1e-2)
+    graphdef, params, opt_state, frozen = state.init_train_state(config, tx, mesh)
+    return graphdef, params, opt_state, frozen, train.make_train_step(graphdef, tx), mesh
+
+
+def _batch(mesh):
+    tokens = np.random.RandomState(1).randint(0, 128, (8, 17))
+    return sharding.shard_batch(data.model_batch(tokens), mesh)
+
+
+def test_only_the_adapters_train_and_the_base_stays_bitwise_unchanged():
+    _, params, opt_state, frozen, step, mesh = _train_step_program(4)
+    assert all(isinstance(v, nnx.LoRAParam) for _, v in nnx.to_flat_state(params))
+    adapter_shapes = {tuple(v.shape) for _, v in nnx.to_flat_state(params)}
+    opt_shapes = {tuple(x.shape) for x in jax.tree.leaves(opt_state) if np.ndim(x) > 0}
+    assert opt_shapes <= adapter_shapes  # the optimizer state holds adapter leaves only
+    before = jax.tree.map(np.array, frozen)
+    batch = _batch(mesh)
+    losses = []
+    for _ in range(3):
+        params, opt_state, metrics = step(params, opt_state, batch, None, frozen)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0]
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, frozen), before)
+
+
+@pytest.mark.slow
+def test_the_compiled_step_computes_no_gradient_for_the_frozen_base():
+    """Every expert weight stack `[L, E, D, F]` in the compiled LoRA step is the base's input
+    (no gradient buffer of that shape is made); the full fine-tuning step makes some."""
+
+    def expert_stacks(lora_rank):
+        _, params, opt_state, frozen, step, mesh = _train_step_program(lora_rank)
+        hlo = step.lower(params, opt_state, _batch(mesh), None, frozen).compile().as_text()
+        c = TINY
+        shard = f"f32[{c.n_layers},{c.moe_num_experts},{c.d_model},{c.ffn_hidden_size}]"
+        made = re.findall(rf"= {re.escape(shard)}\S* ([a-z-]+)\(", hlo)
+        return [op for op in made if op not in PASSED_ALONG]
+
+    assert expert_stacks(4) == []
+    assert expert_stacks(0)  # the check can see gradient buffers where there are some
