@@ -198,14 +198,23 @@ class RunConfig:
 
 
 def export_from_workdir(
-    workdir: str, output: str, step: int | None = None, *, overwrite: bool = False
+    workdir: str,
+    output: str,
+    step: int | None = None,
+    *,
+    overwrite: bool = False,
+    merge_lora: bool = False,
 ) -> int:
     """Exports the parameters of a run's checkpoint (the latest, or `step`) for
     `from_pretrained` and `init_from`. Returns the step exported. The model and optimizer are
     the ones the checkpoint was saved with (its `config` item; workdir/config.json only for a
     checkpoint saved without one), so a later run's config.json cannot block the export.
     `output` follows io/files.py's rule (checked before anything is read): never inside the
-    checkpoints, an existing export replaced only with `overwrite`."""
+    checkpoints, an existing export replaced only with `overwrite`.
+
+    A LoRA run's checkpoints hold its adapters alone: `merge_lora` folds them into the run's
+    frozen base (its `init_from`, else the seed's model) and exports the merged model, which
+    loads anywhere a full export does (the converter's HF export included)."""
     directory = os.path.join(workdir, CHECKPOINTS)
     if not os.path.isdir(directory):
         raise FileNotFoundError(
@@ -225,13 +234,26 @@ def export_from_workdir(
         stored = checkpointer.stored_config(step)
         saved_with = stored is not None and {"experiment", "model"} <= stored.keys()
         run = RunConfig.from_json_dict(stored) if saved_with else RunConfig.read(workdir)
+        if bool(run.model.lora_rank) != merge_lora:
+            raise ValueError(
+                f"{workdir}: a LoRA run's checkpoints hold its adapters alone: export it with "
+                "--merge_lora (folded into its base)"
+                if run.model.lora_rank
+                else f"{workdir}: --merge_lora: this run has no adapters (lora_rank=0)"
+            )
         tx = make_optimizer(run.experiment)
         mesh = sharding.make_mesh({"data": -1})
-        _, params, opt_state, _ = abstract_train_state(run.model, tx, mesh)
+        graphdef, params, opt_state, frozen = abstract_train_state(run.model, tx, mesh)
         restored = checkpointer.restore_state(step, {"params": params, "opt_state": opt_state})
     finally:
         checkpointer.close()
-    checkpoint.export_params(
-        restored["params"], run.model, output, inputs=inputs, overwrite=overwrite
-    )
+    params, config = restored["params"], run.model
+    if merge_lora:
+        init_from = run.experiment.init_from
+        base = _frozen_base(run.model, mesh, frozen[0], init_from, run.experiment.seed)
+        merged = nnx.merge(graphdef, params, *base).merge_lora()
+        params, config = nnx.state(merged, nnx.Param), merged.config
+        if init_from:
+            inputs.append(init_from)
+    checkpoint.export_params(params, config, output, inputs=inputs, overwrite=overwrite)
     return step

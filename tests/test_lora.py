@@ -2,6 +2,7 @@
 MoE dispatch path and expert parallelism; only the adapters train."""
 
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +11,19 @@ import optax
 import pytest
 from flax import nnx
 
-from dbrx_jax import Dbrx, DbrxConfig, data, sharding, state, train
+from dbrx_jax import (
+    Dbrx,
+    DbrxConfig,
+    data,
+    experiment,
+    from_pretrained,
+    optim,
+    sharding,
+    state,
+    train,
+)
 from dbrx_jax.config import LORA_TARGETS
+from dbrx_jax.io import checkpoint
 
 TINY = DbrxConfig.preset("dbrx-tiny", vocab_size=128)
 ALL = "attn.*,ffn.*"
@@ -197,3 +209,52 @@ def test_the_compiled_step_computes_no_gradient_for_the_frozen_base():
 
     assert expert_stacks(4) == []
     assert expert_stacks(0)  # the check can see gradient buffers where there are some
+
+
+def _lora_run_config(**changes):
+    """configs/tiny.py as a LoRA run on its fresh base: rank 4 on every weight, 4 steps,
+    checkpoints at 2 and 4."""
+    config = experiment.base_config()
+    config.model = experiment.model_section("dbrx-tiny", lora_rank=4, lora_targets=ALL)
+    config.data.spm_vocab_size = 1024
+    config.batch_size, config.seq_len, config.warmup_steps = 8, 32, 0
+    config.total_steps, config.checkpoint_every_steps = 4, 2
+    config.eval_every_steps, config.log_every_steps = 0, 1
+    config.learning_rate = 1e-2
+    for key, value in changes.items():
+        config[key] = value
+    return config
+
+
+@pytest.mark.slow
+def test_a_lora_run_checkpoints_adapters_alone_resumes_exactly_and_exports_merged(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train.train(_lora_run_config(), str(straight), progress=False)
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "4")  # as if stopped after step 2's save
+    summary = train.train(_lora_run_config(), str(resumed), progress=False)
+    assert summary["loss_curve"][0][0] == 3  # resumed from step 2
+    run = state.RunConfig.read(str(straight))
+    tx = optim.make_optimizer(run.experiment)
+    mesh = sharding.make_mesh({"data": -1})
+    graphdef, params, opt_state, frozen = state.abstract_train_state(run.model, tx, mesh)
+    assert all(isinstance(v, nnx.LoRAParam) for _, v in nnx.to_flat_state(params))
+    trees = {}
+    for name, workdir in (("straight", straight), ("resumed", resumed)):
+        checkpointer = checkpoint.Checkpointer(str(workdir / "checkpoints"))
+        trees[name] = checkpointer.restore_state(4, {"params": params, "opt_state": opt_state})
+        checkpointer.close()
+    jax.tree.map(np.testing.assert_array_equal, trees["straight"], trees["resumed"])
+    # the checkpoint is the adapters: a few percent of the model
+    adapter_bytes = sum(x.nbytes for x in jax.tree.leaves(trees["straight"]["params"]))
+    assert adapter_bytes < 0.2 * run.model.replace(lora_rank=0).num_params() * 4
+
+    with pytest.raises(ValueError, match="--merge_lora"):
+        state.export_from_workdir(str(straight), str(tmp_path / "export"))
+    state.export_from_workdir(str(straight), str(tmp_path / "export"), merge_lora=True)
+    exported = from_pretrained(str(tmp_path / "export"))
+    assert exported.config.lora_rank == 0
+    base = state._frozen_base(run.model, mesh, frozen[0], "", run.experiment.seed)
+    adapted = nnx.merge(graphdef, trees["straight"]["params"], *base)
+    tokens = TOKENS % exported.config.vocab_size
+    np.testing.assert_allclose(exported(tokens).logits, adapted(tokens).logits, atol=2e-5)
