@@ -59,3 +59,46 @@ def inference_memory(
         "kv_cache_gib": cache_gib,
         "total_gib": params["params_gib"] + cache_gib,
     }
+
+
+# The weights a QLoRA base stores quantized (dbrx_jax/quant.py): the block matrices. Norms, the
+# router, the embedding and lm_head stay in the base's dtype.
+QUANTIZED_WEIGHTS = ("wqkv", "out", "w1", "v1", "w2")
+
+
+def lora_memory_per_device(
+    config: DbrxConfig,
+    axis_sizes: Mapping[str, int],
+    *,
+    base_bits: int | None = None,
+    group_size: int = 64,
+    optimizer_moments: int = 2,
+) -> dict[str, float]:
+    """GiB per device of a LoRA run (`config.lora_rank` > 0): the frozen base (in
+    `config.param_dtype`, or its block matrices at `base_bits` 8 or 4 with one fp32 scale per
+    `group_size` values, as quant.py stores them), and the adapters with their gradients and
+    `optimizer_moments` fp32 moments (what trains). Activations are not counted."""
+    if not config.lora_rank:
+        raise ValueError("lora_memory_per_device: config.lora_rank is 0 (no adapters)")
+    if base_bits not in (None, 4, 8):
+        raise ValueError(f"base_bits={base_bits!r}: expected None (unquantized), 8 or 4")
+    sizes = _axis_sizes(axis_sizes)
+    abstract = nnx.eval_shape(lambda: Dbrx(config, rngs=nnx.Rngs(0)))
+    adapters = nnx.state(abstract, nnx.LoRAParam)
+    base = nnx.state(abstract, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+    base_bytes = 0.0
+    for path, variable in nnx.to_flat_state(base):
+        stored = sharding.bytes_per_device(nnx.State({"w": variable}), sizes)
+        if base_bits and str(path[-1]) in QUANTIZED_WEIGHTS:
+            values = stored / variable.dtype.itemsize  # elements on this device
+            stored = values * base_bits / 8 + values / group_size * 4  # + fp32 scales
+        base_bytes += stored
+    adapter_bytes = sharding.bytes_per_device(adapters, sizes)
+    return {
+        "devices": math.prod(sizes.values()),
+        "base_gib": base_bytes / GIB,
+        "adapters_gib": adapter_bytes / GIB,
+        "adapter_grads_gib": adapter_bytes / GIB,
+        "optimizer_gib": optimizer_moments * adapter_bytes / GIB,
+        "total_gib": (base_bytes + (2 + optimizer_moments) * adapter_bytes) / GIB,
+    }

@@ -17,6 +17,7 @@ from dbrx_jax import (
     data,
     experiment,
     from_pretrained,
+    memory,
     optim,
     sharding,
     state,
@@ -258,3 +259,18 @@ def test_a_lora_run_checkpoints_adapters_alone_resumes_exactly_and_exports_merge
     adapted = nnx.merge(graphdef, trees["straight"]["params"], *base)
     tokens = TOKENS % exported.config.vocab_size
     np.testing.assert_allclose(exported(tokens).logits, adapted(tokens).logits, atol=2e-5)
+
+
+def test_the_memory_plan_puts_dbrx_132b_qlora_on_one_h200_and_lora_on_eight_80gb_gpus():
+    config = DbrxConfig.preset(
+        "dbrx-132b", lora_rank=16, lora_targets=ALL, param_dtype="bfloat16", dtype="bfloat16"
+    )
+    h200, h100 = 141e9 / 2**30, 80e9 / 2**30
+    qlora = memory.lora_memory_per_device(config, {"data": 1}, base_bits=4)
+    assert 60 < qlora["base_gib"] < 75 and qlora["total_gib"] < 0.7 * h200
+    int8 = memory.lora_memory_per_device(config, {"data": 1}, base_bits=8)
+    assert int8["base_gib"] > 1.8 * qlora["base_gib"]
+    lora = memory.lora_memory_per_device(config, {"fsdp": 8})
+    assert lora["total_gib"] < 0.5 * h100
+    with pytest.raises(ValueError, match="base_bits=3"):
+        memory.lora_memory_per_device(config, {"data": 1}, base_bits=3)
