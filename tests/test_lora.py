@@ -1,6 +1,7 @@
 """LoRA (dbrx_jax/lora.py): adapters on every weight, routed experts included, through every
 MoE dispatch path and expert parallelism; only the adapters train."""
 
+import functools
 import re
 import shutil
 
@@ -48,17 +49,36 @@ def _config(impl="dropless", **changes):
     return TINY.replace(moe_impl=impl, moe_capacity_factor=8.0, **changes)
 
 
-def _adapted(impl="dropless", targets=ALL, mesh=None, random_b=True, **changes):
-    """The base model (seed 0) and the same base with adapters (rank 4); B random unless
-    `random_b` is False (fresh adapters)."""
-    base = Dbrx(_config(impl, **changes), rngs=nnx.Rngs(0), mesh=mesh)
-    config = _config(impl, lora_rank=4, lora_alpha=8.0, lora_targets=targets, **changes)
-    adapted = Dbrx(config, rngs=nnx.Rngs(1), mesh=mesh)
+@functools.cache
+def _weights(targets: str, random_b: bool):
+    """The states of a base model (seed 0) and of the same base with rank-4 adapters (A from
+    seed 1; B random unless `random_b` is False: fresh adapters), built once."""
+    base = Dbrx(_config(), rngs=nnx.Rngs(0))
+    config = _config(lora_rank=4, lora_alpha=8.0, lora_targets=targets)
+    adapted = Dbrx(config, rngs=nnx.Rngs(1))
     nnx.update(adapted, nnx.state(base, nnx.Param))
     if random_b:
-        for i, (_, v) in enumerate(nnx.to_flat_state(nnx.state(adapted, nnx.LoRAParam))):
-            v.set_value(0.1 * jax.random.normal(jax.random.key(i), v.shape, v.dtype))
-    return base, adapted
+        rng = np.random.RandomState(2)
+        for _, v in nnx.to_flat_state(nnx.state(adapted, nnx.LoRAParam)):
+            v.set_value(jnp.asarray(0.1 * rng.standard_normal(v.shape), v.dtype))
+    return nnx.state(base), nnx.state(adapted)
+
+
+def _build(config, weights, mesh=None):
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Dbrx(config, rngs=nnx.Rngs(0), mesh=mesh)))
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x, weights))
+
+
+def _adapted(impl="dropless", targets=ALL, random_b=True, **changes):
+    """`_weights` as models running `impl` (and any other config `changes`)."""
+    base, adapted = _weights(targets, random_b)
+    config = _config(impl, lora_rank=4, lora_alpha=8.0, lora_targets=targets, **changes)
+    return _build(_config(impl, **changes), base), _build(config, adapted)
+
+
+@nnx.jit
+def _logits(model):
+    return model(TOKENS).logits
 
 
 def _loss(model):
@@ -85,7 +105,7 @@ def _by_target(adapters) -> dict[str, dict[str, np.ndarray]]:
 def test_fresh_adapters_leave_the_model_exactly_as_it_was(impl):
     base, adapted = _adapted(impl, random_b=False)
     assert set(_by_target(nnx.state(adapted, nnx.LoRAParam))) == set(LORA_TARGETS)
-    np.testing.assert_array_equal(adapted(TOKENS).logits, base(TOKENS).logits)
+    np.testing.assert_array_equal(_logits(adapted), _logits(base))
 
 
 def test_targets_are_patterns_and_unknown_ones_are_refused():
@@ -97,73 +117,83 @@ def test_targets_are_patterns_and_unknown_ones_are_refused():
         TINY.replace(lora_rank=-1)
 
 
+@pytest.fixture(scope="module")
+def float64_reference():
+    """Float64 gradients of the adapters (the weights of `_adapted`), through the base model on
+    the dense path with `W + s A B` merged in by the einsums in PRODUCTS: no LoRA code."""
+    with jax.enable_x64(True):
+        _, adapted = _adapted("dense")
+        reference_model = Dbrx(
+            _config("dense", dtype="float64", param_dtype="float64"), rngs=nnx.Rngs(0)
+        )
+        graphdef, _ = nnx.split(reference_model, nnx.Param)
+        flat_base = dict(nnx.to_flat_state(nnx.state(reference_model, nnx.Param)))
+        for path, v in nnx.to_flat_state(nnx.state(adapted, nnx.Param)):
+            if not isinstance(v, nnx.LoRAParam):
+                flat_base[path].set_value(np.asarray(v[...], np.float64))
+        adapters64 = {
+            t: {k: jnp.asarray(x, jnp.float64) for k, x in ab.items()}
+            for t, ab in _by_target(nnx.state(adapted, nnx.LoRAParam)).items()
+        }
+        scale = 8.0 / 4
+
+        def merged_loss(adapters):
+            flat = {}
+            for path, v in flat_base.items():
+                name = ".".join(str(p) for p in path[-2:])
+                w = v[...]
+                if name in adapters:
+                    ab = adapters[name]
+                    delta = jnp.einsum(PRODUCTS[name], ab["a"], ab["b"]).reshape(w.shape)
+                    w = w + scale * delta
+                flat[path] = v.replace(w)
+            return _loss(nnx.merge(graphdef, nnx.from_flat_state(list(flat.items()))))
+
+        grads = jax.jit(jax.grad(merged_loss))(adapters64)
+        return jax.tree.map(np.asarray, grads)
+
+
+def _assert_close_to(reference, ours, what):
+    for target, ab in reference.items():
+        for which, expected in ab.items():
+            scale_of = float(np.abs(expected).max())
+            assert scale_of > 0, (target, which)
+            np.testing.assert_allclose(
+                ours[target][which],
+                expected,
+                rtol=0,
+                atol=2e-5 * scale_of,
+                err_msg=f"{target}.{which} ({what})",
+            )
+
+
 @pytest.mark.parametrize(
     "impl",
     [pytest.param(d, marks=[] if d == "dropless" else [pytest.mark.slow]) for d in DISPATCHES],
 )
-def test_adapter_gradients_match_a_float64_merged_reference(impl, x64):
+def test_adapter_gradients_match_a_float64_merged_reference(impl, float64_reference):
     """Our adapted model's gradients (fp32, this dispatch path, the low-rank terms by the
-    path's own matmuls) against float64 gradients of the base model with `W + s A B` merged
-    in by the einsums above, on the dense path."""
+    path's own matmuls) against `float64_reference`, for every target."""
     _, adapted = _adapted(impl)
-    ours = _by_target(_adapter_grads(adapted))
-    reference_model = Dbrx(
-        _config("dense", dtype="float64", param_dtype="float64"), rngs=nnx.Rngs(0)
-    )
-    graphdef, _ = nnx.split(reference_model, nnx.Param)
-    flat_base = dict(nnx.to_flat_state(nnx.state(reference_model, nnx.Param)))
-    for path, v in nnx.to_flat_state(nnx.state(adapted, nnx.Param)):
-        if not isinstance(v, nnx.LoRAParam):
-            flat_base[path].set_value(np.asarray(v[...], np.float64))
-    adapters64 = {
-        t: {k: jnp.asarray(x, jnp.float64) for k, x in ab.items()}
-        for t, ab in _by_target(nnx.state(adapted, nnx.LoRAParam)).items()
-    }
-    scale = 8.0 / 4
-
-    def merged_loss(adapters):
-        flat = {}
-        for path, v in flat_base.items():
-            name = ".".join(str(p) for p in path[-2:])
-            w = v[...]
-            if name in adapters:
-                ab = adapters[name]
-                w = w + scale * jnp.einsum(PRODUCTS[name], ab["a"], ab["b"]).reshape(w.shape)
-            flat[path] = v.replace(w)
-        return _loss(nnx.merge(graphdef, nnx.from_flat_state(list(flat.items()))))
-
-    reference = jax.grad(merged_loss)(adapters64)
-    for target, ab in reference.items():
-        for which, expected in ab.items():
-            got = ours[target][which]
-            scale_of = float(np.abs(expected).max())
-            assert scale_of > 0, (target, which)
-            np.testing.assert_allclose(
-                got, expected, rtol=0, atol=2e-5 * scale_of, err_msg=f"{target}.{which} ({impl})"
-            )
+    _assert_close_to(float64_reference, _by_target(_adapter_grads(adapted)), impl)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("exchange", ["all_gather", "all_to_all"])
-def test_adapters_under_expert_parallelism_equal_one_device(exchange):
-    _, single = _adapted("dropless", moe_exchange=exchange)
+def test_adapters_under_expert_parallelism_equal_one_device(float64_reference):
     mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "expert": 4})
-    sharded = single.on_mesh(mesh)
-    assert sharded.plan.expert_parallel
-    np.testing.assert_allclose(sharded(TOKENS).logits, single(TOKENS).logits, atol=2e-5)
-    ours, expected = _by_target(_adapter_grads(sharded)), _by_target(_adapter_grads(single))
-    for target, ab in expected.items():
-        for which, value in ab.items():
-            np.testing.assert_allclose(
-                ours[target][which], value, atol=2e-5 * float(np.abs(value).max()) + 1e-9
-            )
+    for exchange in ("all_gather", "all_to_all"):
+        _, single = _adapted("dropless", moe_exchange=exchange)
+        sharded = single.on_mesh(mesh)
+        assert sharded.plan.expert_parallel
+        np.testing.assert_allclose(_logits(sharded), _logits(single), atol=2e-5)
+        _assert_close_to(float64_reference, _by_target(_adapter_grads(sharded)), exchange)
 
 
 def test_merged_equals_unmerged():
     _, adapted = _adapted("dropless")
     merged = adapted.merge_lora()
     assert merged.config.lora_rank == 0 and not nnx.state(merged, nnx.LoRAParam)
-    np.testing.assert_allclose(merged(TOKENS).logits, adapted(TOKENS).logits, atol=2e-6)
+    np.testing.assert_allclose(_logits(merged), _logits(adapted), atol=2e-6)
 
 
 def _train_step_program(lora_rank: int):
