@@ -155,6 +155,10 @@ class DbrxConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: str = "attn.*,ffn.w1,ffn.v1,ffn.w2"
+    # QLoRA: the frozen base's block matrices stored at 8 or 4 bits (quant.py), dequantized per
+    # layer in the step; 0 keeps them as stored. Group size 0: one scale per output channel.
+    quant_bits: int = 0
+    quant_group_size: int = 0
 
     def __post_init__(self):
         for field in ("dtype", "param_dtype"):  # jnp.bfloat16, "bf16", ... -> "bfloat16"
@@ -225,6 +229,18 @@ class DbrxConfig:
             "an int >= 0 (0: no adapters)",
         )
         need(self.lora_alpha > 0, "lora_alpha", "a positive number")
+        need(self.quant_bits in (0, 4, 8), "quant_bits", "0 (not quantized), 8 or 4")
+        need(
+            not self.quant_bits or self.lora_rank > 0,
+            "quant_bits",
+            "0 without adapters: a quantized base is frozen, so only adapters can train "
+            "(set lora_rank > 0)",
+        )
+        need(
+            isinstance(self.quant_group_size, int) and self.quant_group_size >= 0,
+            "quant_group_size",
+            "an int >= 0 (0: one scale per output channel)",
+        )
         if self.lora_rank:
             lora_targets(self.lora_targets)
         if isinstance(self.eos_token_id, list):

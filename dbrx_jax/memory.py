@@ -10,7 +10,7 @@ import jax
 import optax
 from flax import nnx
 
-from dbrx_jax import sharding
+from dbrx_jax import quant, sharding
 from dbrx_jax.config import DbrxConfig
 from dbrx_jax.model import Dbrx, KVCache
 from dbrx_jax.model.dbrx import CACHE_AXES
@@ -61,11 +61,6 @@ def inference_memory(
     }
 
 
-# The weights a QLoRA base stores quantized (dbrx_jax/quant.py): the block matrices. Norms, the
-# router, the embedding and lm_head stay in the base's dtype.
-QUANTIZED_WEIGHTS = ("wqkv", "out", "w1", "v1", "w2")
-
-
 def lora_memory_per_device(
     config: DbrxConfig,
     axis_sizes: Mapping[str, int],
@@ -89,7 +84,7 @@ def lora_memory_per_device(
     base_bytes = 0.0
     for path, variable in nnx.to_flat_state(base):
         stored = sharding.bytes_per_device(nnx.State({"w": variable}), sizes)
-        if base_bits and str(path[-1]) in QUANTIZED_WEIGHTS:
+        if base_bits and str(path[-1]) in quant.BLOCK_WEIGHTS:
             values = stored / variable.dtype.itemsize  # elements on this device
             stored = values * base_bits / 8 + values / group_size * 4  # + fp32 scales
         base_bytes += stored

@@ -148,3 +148,44 @@ def scales_axes(
     if num_groups == 1:
         names[axis] = None
     return tuple(names)
+
+
+# The block matrices a QLoRA base stores quantized, with the axis each contracts (from the end,
+# so that a stack of layers is quantized layer by layer). Norms, the router, the embedding and
+# lm_head stay as stored: small, or not matmul weights of the blocks.
+BLOCK_WEIGHTS = {"wqkv": -4, "out": -2, "w1": -2, "v1": -2, "w2": -2}
+
+
+def quantize_base(base: nnx.State, bits: int, group_size: int | None = None) -> nnx.State:
+    """A model's frozen parameters with every BLOCK_WEIGHTS matrix replaced by its
+    `QuantizedWeight` (jitted: each array stays on the devices that hold it). A group size that
+    does not divide a weight's contraction axis is an error naming the weight."""
+    flat = list(nnx.to_flat_state(base))
+    for path, variable in flat:
+        axis = BLOCK_WEIGHTS.get(str(path[-1]))
+        if axis is not None and group_size and variable.shape[axis] % group_size:
+            name = "/".join(str(p) for p in path)
+            raise ValueError(
+                f"quant_group_size={group_size}: does not divide {name}'s contraction axis "
+                f"({variable.shape[axis]})"
+            )
+
+    @jax.jit
+    def convert(values):
+        out = []
+        for (path, _), value in zip(flat, values, strict=True):
+            axis = BLOCK_WEIGHTS.get(str(path[-1]))
+            out.append(value if axis is None else quantize(value, bits, group_size, axis=axis))
+        return out
+
+    values = convert([variable.get_value() for _, variable in flat])
+    return nnx.from_flat_state(
+        [(path, v.replace(value)) for (path, v), value in zip(flat, values, strict=True)]
+    )
+
+
+def dense(value: QuantizedWeight | jax.Array, dtype) -> jax.Array:
+    """A weight as an array in `dtype`: dequantized if it is stored quantized."""
+    if isinstance(value, QuantizedWeight):
+        return dequantize(value, dtype)
+    return value.astype(dtype)

@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from dbrx_jax import sharding
+from dbrx_jax import quant, sharding
 from dbrx_jax.config import DbrxConfig
 from dbrx_jax.io import checkpoint, files
 from dbrx_jax.io.pretrained import load_params
@@ -137,19 +137,28 @@ def _sharded_init(create, abstract):
 
 def _frozen_base(config: DbrxConfig, mesh: Mesh, abstract_base, init_from: str, seed: int):
     """The frozen base of an adapter run: `init_from`'s parameters, or the seed's new model's
-    (the same on every resume)."""
+    (the same on every resume); with `quant_bits`, its block matrices quantized (QLoRA)."""
     if init_from:
         log.info("frozen base from %s", init_from)
-        return (load_params(init_from, config.replace(lora_rank=0), abstract_base),)
-    log.info(
-        "frozen base: a new model (seed %d); give config.init_from to adapt a trained one", seed
-    )
-    return (
-        _sharded_init(
+        plain = config.replace(lora_rank=0, quant_bits=0, quant_group_size=0)
+        base = load_params(init_from, plain, abstract_base)
+    else:
+        log.info(
+            "frozen base: a new model (seed %d); give config.init_from to adapt a trained one",
+            seed,
+        )
+        base = _sharded_init(
             lambda: split_trainable(Dbrx(config, rngs=nnx.Rngs(seed), mesh=mesh))[2][0],
             abstract_base,
-        ),
-    )
+        )
+    if config.quant_bits:
+        log.info(
+            "frozen base: block matrices at %d bits, %s",
+            config.quant_bits,
+            f"groups of {config.quant_group_size}" if config.quant_group_size else "per channel",
+        )
+        base = quant.quantize_base(base, config.quant_bits, config.quant_group_size or None)
+    return (base,)
 
 
 @dataclasses.dataclass(frozen=True)

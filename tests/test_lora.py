@@ -20,6 +20,7 @@ from dbrx_jax import (
     from_pretrained,
     memory,
     optim,
+    quant,
     sharding,
     state,
     train,
@@ -304,3 +305,59 @@ def test_the_memory_plan_puts_dbrx_132b_qlora_on_one_h200_and_lora_on_eight_80gb
     assert lora["total_gib"] < 0.5 * h100
     with pytest.raises(ValueError, match="base_bits=3"):
         memory.lora_memory_per_device(config, {"data": 1}, base_bits=3)
+
+
+@pytest.mark.parametrize("bits, group", [(8, 0), (4, 16)])
+def test_qlora_runs_on_the_dequantized_base_and_trains_only_adapters(bits, group):
+    """A quantized base (QLoRA) computes exactly what its dequantized weights compute, the
+    adapters train on it, and it stays bitwise unchanged."""
+    config = TINY.replace(lora_rank=4, lora_targets=ALL, quant_bits=bits, quant_group_size=group)
+    mesh = sharding.make_mesh({"data": 8})
+    tx = optax.adamw(1e-2)
+    graphdef, params, opt_state, frozen = state.abstract_train_state(config, tx, mesh)
+    params = state._sharded_init(
+        lambda: state.split_trainable(Dbrx(config, rngs=nnx.Rngs(0), mesh=mesh))[1], params
+    )
+    opt_state = state.init_opt_state(tx, params, mesh)
+    (base,) = state._frozen_base(config, mesh, frozen[0], "", seed=0)
+    stored = {str(p[-1]): v.get_value() for p, v in nnx.to_flat_state(base)}
+    assert isinstance(stored["w1"], quant.QuantizedWeight) and stored["w1"].bits == bits
+    assert not isinstance(stored["wte"], quant.QuantizedWeight)  # embeddings stay as stored
+    # the same base dequantized, as plain weights: the reference
+    dequantized = jax.tree.map(
+        lambda v: quant.dense(v, jnp.float32),
+        base,
+        is_leaf=lambda x: isinstance(x, quant.QuantizedWeight),
+    )
+    plain = config.replace(quant_bits=0, quant_group_size=0)
+    qlora = nnx.merge(graphdef, params, base)
+    plain_graphdef, _, _ = state.split_trainable(
+        nnx.eval_shape(lambda: Dbrx(plain, rngs=nnx.Rngs(0), mesh=mesh))
+    )
+    np.testing.assert_array_equal(
+        _logits(qlora), _logits(nnx.merge(plain_graphdef, params, dequantized))
+    )
+    step = train.make_train_step(graphdef, tx)
+    before = jax.tree.map(np.asarray, base)
+    batch = _batch(mesh)
+    losses = []
+    for _ in range(3):
+        params, opt_state, metrics = step(params, opt_state, batch, None, (base,))
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0]
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, base), before)
+    merged = nnx.merge(graphdef, params, base).merge_lora()
+    assert merged.config.quant_bits == 0
+    np.testing.assert_allclose(
+        _logits(merged), _logits(nnx.merge(graphdef, params, base)), atol=1e-5
+    )
+
+
+def test_a_quantized_base_needs_adapters_and_a_group_size_that_divides():
+    with pytest.raises(ValueError, match="quant_bits=4.*lora_rank > 0"):
+        TINY.replace(quant_bits=4)
+    with pytest.raises(ValueError, match="quant_bits=3"):
+        TINY.replace(lora_rank=4, quant_bits=3)
+    model = Dbrx(TINY, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="quant_group_size=5: does not divide blocks/attn/out"):
+        quant.quantize_base(nnx.state(model, nnx.Param), 4, 5)

@@ -31,6 +31,7 @@ from dbrx_jax.model.layers import (
 from dbrx_jax.moe.plan import plan_moe
 from dbrx_jax.moe.routing import Routing
 from dbrx_jax.nn import MATMUL_RESULTS, at_least_fp32, param
+from dbrx_jax.quant import QuantizedWeight, dense
 from dbrx_jax.sharding import constrain
 
 CACHE_AXES = ("layers", "batch", "seq", "kv_heads", "head_dim")
@@ -231,9 +232,10 @@ class Dbrx(nnx.Module):
 
     def merge_lora(self) -> Dbrx:
         """This model without its adapters (lora.py): every adapted weight becomes
-        `W + scale * A B` (summed in at least fp32, stored in the weight's dtype), on the same
-        mesh. What an export with `--merge_lora` writes, and what transformers then loads."""
-        config = self.config.replace(lora_rank=0)
+        `W + scale * A B` (summed in at least fp32, stored in `param_dtype`; a quantized base is
+        dequantized), on the same mesh. What an export with `--merge_lora` writes, and what
+        transformers then loads."""
+        config = self.config.replace(lora_rank=0, quant_bits=0, quant_group_size=0)
         graphdef, _ = nnx.split(
             nnx.eval_shape(lambda: Dbrx(config, rngs=nnx.Rngs(0), mesh=self.mesh))
         )
@@ -243,8 +245,11 @@ class Dbrx(nnx.Module):
             if isinstance(module, lora.Adapter):
                 weight_path = (*path[:-1], str(path[-1]).removesuffix("_lora"))
                 w = merged[weight_path]
-                total = w[...].astype(at_least_fp32(w.dtype)) + module.delta()
-                merged[weight_path] = w.replace(total.astype(w.dtype))
+                total = dense(w.get_value(), at_least_fp32(config.weight_dtype)) + module.delta()
+                merged[weight_path] = w.replace(total.astype(config.weight_dtype))
+        for path, w in merged.items():  # a QLoRA base's other matrices: dequantized too
+            if isinstance(w.get_value(), QuantizedWeight):
+                merged[path] = w.replace(dense(w.get_value(), config.weight_dtype))
         return nnx.merge(graphdef, nnx.from_flat_state(list(merged.items())))
 
     def _sequence_layout(self, B, T, positions_BT, segment_ids_BT):

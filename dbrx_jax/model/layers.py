@@ -15,6 +15,7 @@ from dbrx_jax.config import DbrxConfig
 from dbrx_jax.model.splash import splash_attention
 from dbrx_jax.moe.plan import platform_of
 from dbrx_jax.nn import at_least_fp32, param, saved_for_backward
+from dbrx_jax.quant import dense
 
 # The KV-cache path of a model whose attention is splash (TPU): queries in chunks of this many,
 # so a long prefill holds [chunk, S] scores at a time, not [T, S].
@@ -277,7 +278,7 @@ class Attention(nnx.Module):
                         causal=False,
                     )
             out_BTNH = saved_for_backward(out_BTNH, "attention")
-            out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.out[...].astype(self.dtype))
+            out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, dense(self.out.get_value(), self.dtype))
             if self.out_lora is not None:
                 out_BTD += self.out_lora(out_BTNH, "BTNH,NHr->BTr", "BTr,rD->BTD")
             return saved_for_backward(out_BTD, "attention_out"), cache
@@ -295,7 +296,8 @@ class Attention(nnx.Module):
         B, T, _ = x_BTD.shape
         _, K, J, H = self.wqkv.shape
         G = J - 2
-        qkv_BTKJH = jnp.einsum("BTD,DKJH->BTKJH", x_BTD, self.wqkv[...].astype(self.dtype))
+        wqkv_DKJH = dense(self.wqkv.get_value(), self.dtype)
+        qkv_BTKJH = jnp.einsum("BTD,DKJH->BTKJH", x_BTD, wqkv_DKJH)
         if self.wqkv_lora is not None:
             qkv_BTKJH += self.wqkv_lora(x_BTD, "BTD,Dr->BTr", "BTr,rKJH->BTKJH")
         qkv_BTKJH = saved_for_backward(qkv_BTKJH, "qkv")

@@ -12,6 +12,7 @@ from dbrx_jax.moe import dispatch, exchange
 from dbrx_jax.moe.plan import MoEPlan, plan_moe
 from dbrx_jax.moe.routing import RouterOutput, route
 from dbrx_jax.nn import param
+from dbrx_jax.quant import dense
 
 ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -102,5 +103,5 @@ class MoE(nnx.Module):
 
     def _expert_weight(self, w: nnx.Param, adapter: lora.Adapter | None):
         """An expert weight in the compute dtype, with its adapter if it has one."""
-        w = w[...].astype(self.config.compute_dtype)
+        w = dense(w.get_value(), self.config.compute_dtype)  # dequantized (QLoRA) here
         return w if adapter is None else adapter.low_rank(w)
