@@ -78,17 +78,17 @@ def time_train_step(
     `profile_steps` > 0 where the time goes (profiling.py; the trace is kept in `trace_dir` if
     given)."""
     tx = optax.adamw(1e-4)
-    graphdef, params, opt_state, _ = state.init_train_state(config, tx, mesh, seed=seed)
-    step = train.make_train_step(graphdef, tx)
+    graphdef, params, opt_state, frozen = state.init_train_state(config, tx, mesh, seed=seed)
+    step = train.make_train_step(graphdef, tx)  # a LoRA config trains its adapters alone
     tokens = random_tokens(config.vocab_size, (batch_size, seq_len + 1), seed)
     batch = sharding.shard_batch(data.model_batch(tokens), mesh)
     start = time.perf_counter()
-    compiled = step.lower(params, opt_state, batch, None).compile()
+    compiled = step.lower(params, opt_state, batch, None, frozen).compile()
     compile_s = time.perf_counter() - start
     train_state = [params, opt_state]  # the step donates both: carry the new ones forward
 
     def run():
-        train_state[0], train_state[1], metrics = compiled(*train_state, batch, None)
+        train_state[0], train_state[1], metrics = compiled(*train_state, batch, None, frozen)
         return metrics["loss"]
 
     step_s = time_call(run, iters=iters)

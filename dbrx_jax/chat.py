@@ -65,7 +65,8 @@ def chat_ids(
     system: str | None = DEFAULT_SYSTEM_MESSAGE,
 ) -> list[int]:
     """Token ids of `render_chat`'s text, with the turn markers as their special tokens and the
-    contents as plain text (a message cannot smuggle in <|im_end|>)."""
+    contents as plain text (a message cannot smuggle in <|im_end|>). A tokenizer without the
+    markers encodes them as text (`marker_ids`); a reply then ends at the text <|im_end|>."""
     ids, _ = _chat_ids_and_mask(tokenizer, messages, add_generation_prompt, system)
     return ids
 
@@ -89,7 +90,7 @@ def _chat_ids_and_mask(
     add_generation_prompt: bool,
     system: str | None,
 ) -> tuple[list[int], list[int]]:
-    start, end = tokenizer.token_id("<|im_start|>"), tokenizer.token_id("<|im_end|>")
+    start, end = marker_ids(tokenizer, "<|im_start|>"), marker_ids(tokenizer, "<|im_end|>")
     newline = tokenizer.encode("\n")
     ids: list[int] = []
     mask: list[int] = []
@@ -98,17 +99,37 @@ def _chat_ids_and_mask(
             ids += newline
             mask += [0] * len(newline)
         turn = tokenizer.encode(f"{role}\n{content}")
-        ids += [start, *turn, end]
+        ids += [*start, *turn, *end]
         if role == "assistant":
             header = _common_prefix(turn, tokenizer.encode(f"{role}\n"))
-            mask += [0] * (1 + header) + [1] * (len(turn) - header + 1)
+            mask += [0] * (len(start) + header) + [1] * (len(turn) - header + len(end))
         else:
-            mask += [0] * (len(turn) + 2)
+            mask += [0] * (len(start) + len(turn) + len(end))
     if add_generation_prompt:
-        prompt = [*newline, start, *tokenizer.encode("assistant\n")]
+        prompt = [*newline, *start, *tokenizer.encode("assistant\n")]
         ids += prompt
         mask += [0] * len(prompt)
     return ids, mask
+
+
+def has_markers(tokenizer: Tokenizer) -> bool:
+    """Whether the tokenizer has the ChatML markers as tokens of their own (dbrx's, an HF
+    DBRX tokenizer); a sentencepiece model trained on plain text has not."""
+    try:
+        tokenizer.token_id("<|im_start|>")
+        tokenizer.token_id("<|im_end|>")
+    except KeyError:
+        return False
+    return True
+
+
+def marker_ids(tokenizer: Tokenizer, marker: str) -> list[int]:
+    """A ChatML marker's ids: its own token, or for a tokenizer without one (has_markers) the
+    marker's text encoded as text, so that the rendering is the same text either way."""
+    try:
+        return [tokenizer.token_id(marker)]
+    except KeyError:
+        return tokenizer.encode(marker)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 from collections.abc import Sequence
 
@@ -37,9 +38,12 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from dbrx_jax import chat
 from dbrx_jax.chat import DEFAULT_SYSTEM_MESSAGE, chat_ids_with_mask
 from dbrx_jax.sft import Conversation, kjv_chat, kjv_path, parse_conversation
 from dbrx_jax.tokenizer import load_tokenizer, train_sentencepiece
+
+log = logging.getLogger(__name__)
 
 Document = str | Conversation  # a text, or a conversation's messages
 
@@ -217,16 +221,14 @@ class SplitLongDocuments(grain.experimental.FlatMapTransform):
 
 
 def check_chat_tokenizer(tokenizer_spec: str) -> None:
-    """Conversations need the ChatML markers as tokens of their own."""
-    tok = load_tokenizer(tokenizer_spec)
-    for marker in ("<|im_start|>", "<|im_end|>"):
-        try:
-            tok.token_id(marker)
-        except KeyError:
-            raise ValueError(
-                f"tokenizer {tokenizer_spec!r} has no {marker} token: chat data needs 'dbrx', "
-                "'hf:<dir>' or a sentencepiece model with <|im_start|> and <|im_end|> pieces"
-            ) from None
+    """Logs how conversations are rendered with this tokenizer: ChatML markers as tokens of
+    their own, or as text (a sentencepiece model trained on plain text has none)."""
+    if not chat.has_markers(load_tokenizer(tokenizer_spec)):
+        log.info(
+            "tokenizer %s has no <|im_start|> / <|im_end|> tokens: the ChatML markers are "
+            "encoded as text (replies end at the text <|im_end|>)",
+            tokenizer_spec,
+        )
 
 
 def positions_from_segments(segment_ids: np.ndarray) -> np.ndarray:

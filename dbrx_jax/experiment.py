@@ -71,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_from = ""  # start from these parameters (an export or an HF directory), new optimizer
     c.sample_prompts = ""  # after training, continue these prompts ("|"-separated), greedily
     c.sample_tokens = 40
+    # Chat fine-tuning on data.source="kjv_chat": greedy replies to this many held-out
+    # references, scored (exact match, character accuracy) before and after training.
+    c.score_references = 0
     c.eval_every_steps = 50
     c.eval_batches = 4
     c.log_every_steps = 10
@@ -141,7 +144,12 @@ def _need(config: ml_collections.ConfigDict, ok: bool, key: str, expected: str) 
 def _check_ranges(config: ml_collections.ConfigDict) -> None:
     """The numeric keys a wrong value of would silently harm the run (NaN fails every one)."""
     need = functools.partial(_need, config)
-    for key in ("checkpoint_every_steps", "eval_every_steps", "data.packing_bins"):
+    for key in (
+        "checkpoint_every_steps",
+        "eval_every_steps",
+        "score_references",
+        "data.packing_bins",
+    ):
         need(_is_int(config[key]) and config[key] >= 0, key, "an int >= 0 (0: off)")
     need(
         _is_int(config["data.worker_count"]) and config["data.worker_count"] >= 0,
@@ -176,6 +184,12 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
             config.data.eval_fraction > 0,
             "data.eval_fraction",
             "> 0 when eval_every_steps > 0 (no eval split otherwise); or eval_every_steps=0",
+        )
+    if config.score_references:
+        need(
+            config.data.source == "kjv_chat",
+            "score_references",
+            "0 unless data.source='kjv_chat' (it scores that set's held-out references)",
         )
     if config.keep_best_checkpoint:
         need(

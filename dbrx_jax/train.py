@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dbrx_jax import data, experiment, flops, sharding
+from dbrx_jax import data, experiment, flops, sft, sharding
 from dbrx_jax.generate import check_request, sample_text
 from dbrx_jax.io import checkpoint
 from dbrx_jax.metrics import MetricsWriter
@@ -495,6 +495,9 @@ def train(
     `progress=False` leaves out the console progress bar (metrics still go to the workdir)."""
     start = time.perf_counter()
     run = _start_run(config, workdir, progress)
+    scores = {}
+    if config.score_references and jax.process_index() == 0:
+        scores["before"] = _score_references(run, config)
     preempted = False
     try:
         with _Preemption() as preemption:
@@ -515,6 +518,8 @@ def train(
                     break
     finally:
         run.close()
+    if scores:
+        scores["after"] = _score_references(run, config)
     samples = {}
     if config.sample_prompts and jax.process_index() == 0:
         samples = sample_text(
@@ -532,4 +537,21 @@ def train(
         "preempted": preempted,
         "samples": samples,
         "loss_curve": run.history,
+        **({"reference_scores": scores} if scores else {}),
     }
+
+
+def _score_references(run: _Run, config: ml_collections.ConfigDict) -> dict[str, float]:
+    """The model's greedy replies to `config.score_references` held-out kjv_chat references,
+    scored (sft.score_references)."""
+    examples = sft.kjv_chat("eval")[: config.score_references]
+    model = nnx.merge(run.graphdef, run.params, *run.frozen)
+    replies = sft.chat_replies(model, load_tokenizer(run.run_config.tokenizer))
+    score = sft.score_references(replies, examples)
+    log.info(
+        "held-out references: exact match %.1f%%, character accuracy %.1f%% (%d)",
+        100 * score["exact_match"],
+        100 * score["char_accuracy"],
+        score["count"],
+    )
+    return score

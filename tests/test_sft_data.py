@@ -8,8 +8,9 @@ import grain
 import numpy as np
 import pytest
 from absl import flags
+from flax import nnx
 
-from dbrx_jax import chat, data, sft, tokenizer
+from dbrx_jax import Dbrx, DbrxConfig, chat, data, experiment, sft, tokenizer
 
 flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
 
@@ -216,10 +217,23 @@ def test_bad_chat_lines_name_file_and_line(tmp_path, line, error):
     assert "\n" not in str(info.value)
 
 
-def test_chat_needs_a_tokenizer_with_the_markers(tmp_path):
+def test_a_tokenizer_without_the_markers_encodes_them_as_text(tmp_path):
     spm = tokenizer.train_sentencepiece(["a plain text corpus"] * 50, tmp_path / "t.model", 300)
-    with pytest.raises(ValueError, match=r"t.model' has no <\|im_start\|> token"):
-        data.make_dataset([_conversation(1)] * 4, spm.path, seq_len=8, batch_size=1, seed=0)
+    assert not chat.has_markers(spm)
+    conversation = _conversation(1)
+    ids, mask = chat.chat_ids_with_mask(spm, conversation)
+    # sentencepiece spells newlines as spaces and starts each encoded piece with one
+    rendered = chat.render_chat(conversation, add_generation_prompt=False)
+    assert spm.decode(ids).split() == rendered.replace("<|", " <|").replace("|>", "|> ").split()
+    # the mask: the assistant's content and its closing marker's text
+    end = spm.encode("<|im_end|>")
+    assert ids[-len(end) :] == end and all(mask[-len(end) :])
+    learned = spm.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    assert learned.split() == (conversation[-1]["content"] + " <|im_end|>").split()
+    batch = next(
+        iter(data.make_dataset([conversation] * 4, spm.path, seq_len=64, batch_size=1, seed=0))
+    )
+    assert batch["loss_mask"].sum() > 0
 
 
 def _reference(conversation):
@@ -290,3 +304,24 @@ def test_score_references_with_fake_replies():
     assert sft.levenshtein("flaw", "lawn") == 2 and sft.char_accuracy("", "") == 1.0
     with pytest.raises(ValueError, match="gave 1 replies for 2 prompts"):
         sft.score_references(lambda p: ["x"], _examples())
+
+
+def test_chat_replies_are_cut_at_the_end_marker_and_scored(tmp_path):
+    """A tiny model's greedy replies through sft.chat_replies: one string per prompt, nothing
+    after <|im_end|> (as text, for a tokenizer without the marker), scored."""
+    spm = tokenizer.train_sentencepiece(
+        [sft.KJV_SYSTEM, "Quote Genesis 1:1.", "In the beginning"] * 30, tmp_path / "t.model", 300
+    )
+    model = Dbrx(DbrxConfig.preset("dbrx-tiny", vocab_size=spm.vocab_size), rngs=nnx.Rngs(0))
+    examples = sft.kjv_chat("eval")[:3]
+    replies = sft.chat_replies(model, spm, max_new_tokens=8)([m[:-1] for m in examples])
+    assert len(replies) == 3 and all("<|im_end|>" not in r for r in replies)
+    score = sft.score_references(sft.chat_replies(model, spm, max_new_tokens=8), examples)
+    assert score["count"] == 3 and 0 <= score["char_accuracy"] < 1
+
+
+def test_scoring_references_needs_the_kjv_chat_source():
+    config = experiment.base_config()
+    config.score_references = 4
+    with pytest.raises(ValueError, match="score_references=4: expected 0 unless data.source"):
+        experiment.validate(config)
