@@ -206,6 +206,53 @@ class RunConfig:
             raise ValueError(f"{path}: not a training run's config ({e!r})") from None
 
 
+def restore_run(workdir: str, step: int | None = None, mesh: Mesh | None = None):
+    """(RunConfig, step, graphdef, params) of a run's checkpoint (the latest, or `step`), as
+    saved: the model and optimizer its `config` item records (workdir/config.json only for a
+    checkpoint saved without one), so a later run's config.json cannot get in the way. `params`
+    is what trained: a LoRA run's adapters alone. `mesh` defaults to every device as data."""
+    directory = os.path.join(workdir, CHECKPOINTS)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"{directory}: no such directory (is {workdir} a training workdir, with "
+            f"{RUN_CONFIG} and {CHECKPOINTS}/?)"
+        )
+    checkpointer = checkpoint.Checkpointer(directory)
+    try:
+        steps = checkpointer.steps()
+        if not steps:
+            raise FileNotFoundError(f"{workdir}/{CHECKPOINTS}: no checkpoint to restore")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise ValueError(f"{workdir}/{CHECKPOINTS} has no step {step}; its steps: {steps}")
+        stored = checkpointer.stored_config(step)
+        saved_with = stored is not None and {"experiment", "model"} <= stored.keys()
+        run = RunConfig.from_json_dict(stored) if saved_with else RunConfig.read(workdir)
+        tx = make_optimizer(run.experiment)
+        mesh = sharding.make_mesh({"data": -1}) if mesh is None else mesh
+        graphdef, params, opt_state, _ = abstract_train_state(run.model, tx, mesh)
+        restored = checkpointer.restore_state(step, {"params": params, "opt_state": opt_state})
+    finally:
+        checkpointer.close()
+    return run, step, graphdef, restored["params"]
+
+
+def load_adapted(
+    workdir: str, base: str = "", step: int | None = None, mesh: Mesh | None = None
+) -> Dbrx:
+    """A LoRA run's adapters (its latest checkpoint, or `step`) on a base: `base` (an export
+    or an HF directory of the same architecture), else the run's own (its `init_from`, else
+    its seed's model). Unmerged: `.merge_lora()` folds them in."""
+    mesh = sharding.make_mesh({"data": -1}) if mesh is None else mesh
+    run, _, graphdef, adapters = restore_run(workdir, step, mesh)
+    if not run.model.lora_rank:
+        raise ValueError(f"{workdir}: this run has no adapters (lora_rank=0): export it instead")
+    _, _, _, frozen = abstract_train_state(run.model, make_optimizer(run.experiment), mesh)
+    source = base or run.experiment.init_from
+    frozen = _frozen_base(run.model, mesh, frozen[0], source, run.experiment.seed)
+    return nnx.merge(graphdef, adapters, *frozen)
+
+
 def export_from_workdir(
     workdir: str,
     output: str,
@@ -214,55 +261,29 @@ def export_from_workdir(
     overwrite: bool = False,
     merge_lora: bool = False,
 ) -> int:
-    """Exports the parameters of a run's checkpoint (the latest, or `step`) for
-    `from_pretrained` and `init_from`. Returns the step exported. The model and optimizer are
-    the ones the checkpoint was saved with (its `config` item; workdir/config.json only for a
-    checkpoint saved without one), so a later run's config.json cannot block the export.
-    `output` follows io/files.py's rule (checked before anything is read): never inside the
-    checkpoints, an existing export replaced only with `overwrite`.
+    """Exports the parameters of a run's checkpoint (the latest, or `step`; `restore_run`) for
+    `from_pretrained` and `init_from`. Returns the step exported. `output` follows io/files.py's
+    rule (checked before anything is read): never inside the checkpoints, an existing export
+    replaced only with `overwrite`.
 
     A LoRA run's checkpoints hold its adapters alone: `merge_lora` folds them into the run's
-    frozen base (its `init_from`, else the seed's model) and exports the merged model, which
-    loads anywhere a full export does (the converter's HF export included)."""
-    directory = os.path.join(workdir, CHECKPOINTS)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(
-            f"{directory}: no such directory (is {workdir} a training workdir, with "
-            f"{RUN_CONFIG} and {CHECKPOINTS}/?)"
-        )
-    inputs = [directory, os.path.join(workdir, RUN_CONFIG)]
+    frozen base (`load_adapted`) and exports the merged model, which loads anywhere a full
+    export does (the converter's HF export included)."""
+    inputs = [os.path.join(workdir, CHECKPOINTS), os.path.join(workdir, RUN_CONFIG)]
     files.check_output(output, inputs=inputs, kind=checkpoint.EXPORT_OUTPUT, overwrite=overwrite)
-    checkpointer = checkpoint.Checkpointer(directory)
-    try:
-        steps = checkpointer.steps()
-        if not steps:
-            raise FileNotFoundError(f"{workdir}/{CHECKPOINTS}: no checkpoint to export")
-        step = steps[-1] if step is None else step
-        if step not in steps:
-            raise ValueError(f"{workdir}/{CHECKPOINTS} has no step {step}; its steps: {steps}")
-        stored = checkpointer.stored_config(step)
-        saved_with = stored is not None and {"experiment", "model"} <= stored.keys()
-        run = RunConfig.from_json_dict(stored) if saved_with else RunConfig.read(workdir)
-        if bool(run.model.lora_rank) != merge_lora:
-            raise ValueError(
-                f"{workdir}: a LoRA run's checkpoints hold its adapters alone: export it with "
-                "--merge_lora (folded into its base)"
-                if run.model.lora_rank
-                else f"{workdir}: --merge_lora: this run has no adapters (lora_rank=0)"
-            )
-        tx = make_optimizer(run.experiment)
-        mesh = sharding.make_mesh({"data": -1})
-        graphdef, params, opt_state, frozen = abstract_train_state(run.model, tx, mesh)
-        restored = checkpointer.restore_state(step, {"params": params, "opt_state": opt_state})
-    finally:
-        checkpointer.close()
-    params, config = restored["params"], run.model
+    run, step, _, params = restore_run(workdir, step)
+    if bool(run.model.lora_rank) != merge_lora:
+        raise ValueError(
+            f"{workdir}: a LoRA run's checkpoints hold its adapters alone: export it with "
+            "--merge_lora (folded into its base)"
+            if run.model.lora_rank
+            else f"{workdir}: --merge_lora: this run has no adapters (lora_rank=0)"
+        )
+    config = run.model
     if merge_lora:
-        init_from = run.experiment.init_from
-        base = _frozen_base(run.model, mesh, frozen[0], init_from, run.experiment.seed)
-        merged = nnx.merge(graphdef, params, *base).merge_lora()
+        merged = load_adapted(workdir, step=step).merge_lora()
         params, config = nnx.state(merged, nnx.Param), merged.config
-        if init_from:
-            inputs.append(init_from)
+        if run.experiment.init_from:
+            inputs.append(run.experiment.init_from)
     checkpoint.export_params(params, config, output, inputs=inputs, overwrite=overwrite)
     return step

@@ -6,6 +6,8 @@ a converted model; streams to the console as the tokens come.
         --temperature=0.7 --top_p=0.9 --mesh=tensor=8
     python experiments/generate.py --checkpoint=ckpt --prompt_ids="1,2,3;4,5" \
         --output_json=out.json
+    python experiments/generate.py --checkpoint=runs/demo-export --adapters=runs/sft --chat \
+        --prompt="Quote Genesis 1:3."
 """
 
 import json
@@ -15,12 +17,15 @@ import jax
 from absl import app, flags
 
 import dbrx_jax
-from dbrx_jax import chat, cli, sharding
+from dbrx_jax import chat, cli, sharding, state
 from dbrx_jax import generate as gen
 from dbrx_jax.tokenizer import load_tokenizer, tokenizer_for_checkpoint
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Our export or an HF directory.", required=True
+)
+_ADAPTERS = flags.DEFINE_string(
+    "adapters", None, "A LoRA run's workdir: its adapters on --checkpoint as the base."
 )
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "Prompt text (repeat for a batch).")
 _PROMPT_IDS = flags.DEFINE_multi_string("prompt_ids", [], "Token ids 1,2,3 (';' or repeat).")
@@ -42,11 +47,16 @@ def main(argv):
     prompts = [_ids(group) for flag in _PROMPT_IDS.value for group in flag.split(";") if group]
     sampling = gen.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
     mesh = sharding.make_mesh(sharding.parse_mesh(_MESH.value)) if _MESH.value else None
-    model = dbrx_jax.from_pretrained(_CHECKPOINT.value, mesh=mesh)  # straight into its shards
+    if _ADAPTERS.value:  # the base, then the run's adapters on it (unmerged)
+        model = state.load_adapted(_ADAPTERS.value, base=_CHECKPOINT.value, mesh=mesh)
+        tokenizer = _TOKENIZER.value or state.RunConfig.read(_ADAPTERS.value).tokenizer
+    else:
+        model = dbrx_jax.from_pretrained(_CHECKPOINT.value, mesh=mesh)  # into its shards
+        tokenizer = _TOKENIZER.value
     config = model.config
     tok = (
-        load_tokenizer(_TOKENIZER.value)
-        if _TOKENIZER.value
+        load_tokenizer(tokenizer)
+        if tokenizer
         else tokenizer_for_checkpoint(_CHECKPOINT.value, config.vocab_size)
     )
     for text in _PROMPT.value:
@@ -68,7 +78,7 @@ def main(argv):
         max_new_tokens=_MAX_NEW.value,
         key=jax.random.key(_SEED.value),
         sampling=sampling,
-        stop_ids=tok.stop_ids if tok is not None else (),
+        stop_ids=_stop_ids(tok),
         vocab_limit=tok.vocab_size if tok is not None else None,
         pad_id=getattr(tok, "pad_id", 0),
         on_token=gen.text_streamer(tok, _write) if stream else None,
@@ -85,6 +95,14 @@ def main(argv):
     if _OUTPUT_JSON.value:
         with open(_OUTPUT_JSON.value, "w") as f:
             json.dump({"prompts": prompts, "generated": ids}, f)
+
+
+def _stop_ids(tok) -> tuple[int, ...]:
+    """The tokenizer's end of text, and with --chat its end of turn (where it has one)."""
+    if tok is None:
+        return ()
+    end = [tok.token_id("<|im_end|>")] if _CHAT.value and chat.has_markers(tok) else []
+    return (*tok.stop_ids, *end)
 
 
 def _ids(group: str) -> list[int]:
