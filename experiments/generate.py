@@ -30,6 +30,9 @@ _ADAPTERS = flags.DEFINE_string(
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "Prompt text (repeat for a batch).")
 _PROMPT_IDS = flags.DEFINE_multi_string("prompt_ids", [], "Token ids 1,2,3 (';' or repeat).")
 _CHAT = flags.DEFINE_bool("chat", False, "Wrap each prompt as a user turn (DBRX-instruct).")
+_SYSTEM = flags.DEFINE_string(
+    "system", None, "With --chat: the system message (default: DBRX-instruct's)."
+)
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "dbrx, hf:<dir>, or a sentencepiece file.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at most.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy.")
@@ -64,11 +67,7 @@ def main(argv):
             raise app.UsageError(
                 "no tokenizer for this checkpoint: pass --tokenizer or --prompt_ids"
             )
-        prompts.append(
-            chat.chat_ids(tok, [{"role": "user", "content": text}])
-            if _CHAT.value
-            else tok.encode(text)
-        )
+        prompts.append(chat.chat_ids(tok, _messages(text)) if _CHAT.value else tok.encode(text))
     if not prompts:
         raise app.UsageError("pass --prompt or --prompt_ids")
     stream = tok is not None and len(prompts) == 1 and not _OUTPUT_JSON.value
@@ -95,6 +94,11 @@ def main(argv):
     if _OUTPUT_JSON.value:
         with open(_OUTPUT_JSON.value, "w") as f:
             json.dump({"prompts": prompts, "generated": ids}, f)
+
+
+def _messages(text: str) -> list[dict]:
+    system = [{"role": "system", "content": _SYSTEM.value}] if _SYSTEM.value else []
+    return [*system, {"role": "user", "content": text}]
 
 
 def _stop_ids(tok) -> tuple[int, ...]:

@@ -10,8 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import torch
+import transformers
 from flax import nnx
 
+from benchmarks import hf_reference
 from dbrx_jax import (
     Dbrx,
     DbrxConfig,
@@ -26,7 +29,7 @@ from dbrx_jax import (
     train,
 )
 from dbrx_jax.config import LORA_TARGETS
-from dbrx_jax.io import checkpoint
+from dbrx_jax.io import checkpoint, convert
 
 TINY = DbrxConfig.preset("dbrx-tiny", vocab_size=128)
 ALL = "attn.*,ffn.*"
@@ -259,7 +262,9 @@ def _lora_run_config(**changes):
 
 
 @pytest.mark.slow
-def test_a_lora_run_checkpoints_adapters_alone_resumes_exactly_and_exports_merged(tmp_path):
+def test_a_lora_run_checkpoints_adapters_alone_resumes_exactly_and_exports_for_transformers(
+    tmp_path,
+):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train.train(_lora_run_config(), str(straight), progress=False)
     shutil.copytree(straight, resumed)
@@ -293,7 +298,15 @@ def test_a_lora_run_checkpoints_adapters_alone_resumes_exactly_and_exports_merge
         trees["straight"]["params"],
     )
     tokens = TOKENS % exported.config.vocab_size
-    np.testing.assert_allclose(exported(tokens).logits, adapted(tokens).logits, atol=2e-5)
+    ours = np.asarray(exported(tokens).logits)
+    np.testing.assert_allclose(ours, adapted(tokens).logits, atol=2e-5)
+    # and transformers reads the merged model through the converter
+    convert.jax_to_hf(str(tmp_path / "export"), str(tmp_path / "hf"), progress=False)
+    loaded = transformers.DbrxForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        hf_reference.without_clip_crash(loaded)
+        reference = loaded(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(ours, reference, atol=1e-4, rtol=1e-4)
 
 
 def test_the_memory_plan_puts_dbrx_132b_qlora_on_one_h200_and_lora_on_eight_80gb_gpus():
