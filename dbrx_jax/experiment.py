@@ -71,8 +71,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_from = ""  # start from these parameters (an export or an HF directory), new optimizer
     c.sample_prompts = ""  # after training, continue these prompts ("|"-separated), greedily
     c.sample_tokens = 40
-    # Chat fine-tuning on data.source="kjv_chat": greedy replies to this many held-out
-    # references, scored (exact match, character accuracy) before and after training.
+    # Chat fine-tuning on data.source="kjv_chat": greedy replies to this many held-out (and as
+    # many training) references, scored (exact match, character accuracy) before and after.
     c.score_references = 0
     c.eval_every_steps = 50
     c.eval_batches = 4

@@ -541,17 +541,21 @@ def train(
     }
 
 
-def _score_references(run: _Run, config: ml_collections.ConfigDict) -> dict[str, float]:
-    """The model's greedy replies to `config.score_references` held-out kjv_chat references,
-    scored (sft.score_references)."""
-    examples = sft.kjv_chat("eval")[: config.score_references]
+def _score_references(run: _Run, config: ml_collections.ConfigDict) -> dict[str, dict]:
+    """The model's greedy replies to `config.score_references` kjv_chat references of each
+    split, scored (sft.score_references): the held-out ones (what it generalises to) and as many
+    training ones (what it has learned)."""
     model = nnx.merge(run.graphdef, run.params, *run.frozen)
     replies = sft.chat_replies(model, load_tokenizer(run.run_config.tokenizer))
-    score = sft.score_references(replies, examples)
-    log.info(
-        "held-out references: exact match %.1f%%, character accuracy %.1f%% (%d)",
-        100 * score["exact_match"],
-        100 * score["char_accuracy"],
-        score["count"],
-    )
-    return score
+    scores = {}
+    for split, name in (("eval", "held_out"), ("train", "train")):
+        examples = sft.kjv_chat(split)[: config.score_references]
+        scores[name] = score = sft.score_references(replies, examples)
+        log.info(
+            "%s references: exact match %.1f%%, character accuracy %.1f%% (%d)",
+            name.replace("_", "-"),
+            100 * score["exact_match"],
+            100 * score["char_accuracy"],
+            score["count"],
+        )
+    return scores
