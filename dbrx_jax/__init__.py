@@ -6,11 +6,14 @@ The package, bottom up (a module imports only from rows above it):
     io/hf_format   the Hugging Face format: config.json, tensor names and layouts
     io/safetensors reading and writing safetensors files without torch
     nn.py          parameters with logical axes, precision and remat helpers
+    quant.py       int8 / 4-bit weight quantization of a frozen base (QLoRA; qwix)
+    lora.py        low-rank adapters on any weight, the experts' included
     sharding.py    the mesh, logical-axis rules, sharded init and batches, multi-host
     moe/           router and losses, the execution plan, dispatch, grouped GEMMs, exchange
     model/         attention and norms, the block, the Dbrx model and its KV cache
     io/            Orbax checkpoints, from_pretrained, the streaming converter
     memory.py, flops.py   per-device memory and FLOP counts from shapes
+    sft.py         chat conversations, the KJV quotation set and its scoring
     data.py, tokenizer.py, chat.py   documents to batches; tokenizers; the chat format
     optim.py, state.py, train.py, metrics.py, experiment.py   training
     generate.py    KV-cache generation and sampling

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from dbrx_jax import chat
 from dbrx_jax.config import DbrxConfig
 from dbrx_jax.model import Dbrx, KVCache
 from dbrx_jax.tokenizer import Tokenizer
@@ -323,3 +324,32 @@ def sample_text(
     return {
         p: tokenizer.decode(row[:n]) for p, row, n in zip(prompts, tokens, lengths, strict=True)
     }
+
+
+def chat_replies(
+    model: Dbrx, tokenizer: Tokenizer, max_new_tokens: int = 96
+) -> Callable[[list[list[dict]]], list[str]]:
+    """A function from conversations to the model's replies (sft.score_references'
+    `generate_fn`): the model's greedy replies, each prompt rendered
+    as generation renders it (chat.chat_ids), a reply cut at <|im_end|> (its token, or its text
+    for a tokenizer without one)."""
+    end = [tokenizer.token_id("<|im_end|>")] if chat.has_markers(tokenizer) else []
+
+    def replies(conversations: list[list[dict]]) -> list[str]:
+        prompts = [chat.chat_ids(tokenizer, messages) for messages in conversations]
+        out = generate(
+            model,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            stop_ids=(*end, *tokenizer.stop_ids),
+            vocab_limit=tokenizer.vocab_size,
+            pad_id=tokenizer.pad_id,
+        )
+        tokens, lengths = jax.device_get((out.tokens_BX, out.lengths_B))
+        texts = [
+            tokenizer.decode([t for t in row[:n] if t not in end])
+            for row, n in zip(tokens, lengths, strict=True)
+        ]
+        return [text.split("<|im_end|>")[0] for text in texts]
+
+    return replies

@@ -17,11 +17,6 @@ import json
 import os
 from collections.abc import Callable, Sequence
 
-import jax
-
-from dbrx_jax import chat, generate
-from dbrx_jax.tokenizer import Tokenizer
-
 Conversation = list[dict[str, str]]
 
 ROLES = ("system", "user", "assistant")
@@ -166,31 +161,3 @@ def levenshtein(a: str, b: str) -> int:
         for j, cb in enumerate(b, 1):
             diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (ca != cb))
     return row[-1]
-
-
-def chat_replies(
-    model, tokenizer: Tokenizer, max_new_tokens: int = 96
-) -> Callable[[list[Conversation]], list[str]]:
-    """A `generate_fn` for `score_references`: the model's greedy replies, each prompt rendered
-    as generation renders it (chat.chat_ids), a reply cut at <|im_end|> (its token, or its text
-    for a tokenizer without one)."""
-    end = [tokenizer.token_id("<|im_end|>")] if chat.has_markers(tokenizer) else []
-
-    def replies(conversations: list[Conversation]) -> list[str]:
-        prompts = [chat.chat_ids(tokenizer, messages) for messages in conversations]
-        out = generate.generate(
-            model,
-            prompts,
-            max_new_tokens=max_new_tokens,
-            stop_ids=(*end, *tokenizer.stop_ids),
-            vocab_limit=tokenizer.vocab_size,
-            pad_id=tokenizer.pad_id,
-        )
-        tokens, lengths = jax.device_get((out.tokens_BX, out.lengths_B))
-        texts = [
-            tokenizer.decode([t for t in row[:n] if t not in end])
-            for row, n in zip(tokens, lengths, strict=True)
-        ]
-        return [text.split("<|im_end|>")[0] for text in texts]
-
-    return replies

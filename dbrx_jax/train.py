@@ -35,7 +35,7 @@ import optax
 from flax import nnx
 
 from dbrx_jax import data, experiment, flops, sft, sharding
-from dbrx_jax.generate import check_request, sample_text
+from dbrx_jax.generate import chat_replies, check_request, sample_text
 from dbrx_jax.io import checkpoint
 from dbrx_jax.metrics import MetricsWriter
 from dbrx_jax.model import Dbrx
@@ -546,7 +546,7 @@ def _score_references(run: _Run, config: ml_collections.ConfigDict) -> dict[str,
     split, scored (sft.score_references): the held-out ones (what it generalises to) and as many
     training ones (what it has learned)."""
     model = nnx.merge(run.graphdef, run.params, *run.frozen)
-    replies = sft.chat_replies(model, load_tokenizer(run.run_config.tokenizer))
+    replies = chat_replies(model, load_tokenizer(run.run_config.tokenizer))
     scores = {}
     for split, name in (("eval", "held_out"), ("train", "train")):
         examples = sft.kjv_chat(split)[: config.score_references]

@@ -10,7 +10,7 @@ import pytest
 from absl import flags
 from flax import nnx
 
-from dbrx_jax import Dbrx, DbrxConfig, chat, data, experiment, sft, tokenizer
+from dbrx_jax import Dbrx, DbrxConfig, chat, data, experiment, generate, sft, tokenizer
 
 flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
 
@@ -307,16 +307,16 @@ def test_score_references_with_fake_replies():
 
 
 def test_chat_replies_are_cut_at_the_end_marker_and_scored(tmp_path):
-    """A tiny model's greedy replies through sft.chat_replies: one string per prompt, nothing
+    """A tiny model's greedy replies through generate.chat_replies: one string per prompt, nothing
     after <|im_end|> (as text, for a tokenizer without the marker), scored."""
     spm = tokenizer.train_sentencepiece(
         [sft.KJV_SYSTEM, "Quote Genesis 1:1.", "In the beginning"] * 30, tmp_path / "t.model", 300
     )
     model = Dbrx(DbrxConfig.preset("dbrx-tiny", vocab_size=spm.vocab_size), rngs=nnx.Rngs(0))
     examples = sft.kjv_chat("eval")[:3]
-    replies = sft.chat_replies(model, spm, max_new_tokens=8)([m[:-1] for m in examples])
+    replies = generate.chat_replies(model, spm, max_new_tokens=8)([m[:-1] for m in examples])
     assert len(replies) == 3 and all("<|im_end|>" not in r for r in replies)
-    score = sft.score_references(sft.chat_replies(model, spm, max_new_tokens=8), examples)
+    score = sft.score_references(generate.chat_replies(model, spm, max_new_tokens=8), examples)
     assert score["count"] == 3 and 0 <= score["char_accuracy"] < 1
 
 
