@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from typing import Any
 
@@ -19,7 +20,8 @@ import jax
 import ml_collections
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dbrx_jax import quant, sharding
 from dbrx_jax.config import DbrxConfig
@@ -53,12 +55,46 @@ def abstract_train_state(config: DbrxConfig, tx: optax.GradientTransformation, m
     model = nnx.eval_shape(lambda: Dbrx(config, rngs=nnx.Rngs(0), mesh=mesh))
     graphdef, params, frozen = split_trainable(model)
     opt_state = jax.eval_shape(tx.init, params)
+    frozen = tuple(sharding.abstract_on(f, mesh) for f in frozen)
+    if config.quant_bits:  # as _frozen_base stores it
+        frozen = (_abstract_quantized(frozen[0], config),)
     return (
         graphdef,
         sharding.abstract_on(params, mesh),
         sharding.abstract_on(opt_state, mesh),
-        tuple(sharding.abstract_on(f, mesh) for f in frozen),
+        frozen,
     )
+
+
+def _abstract_quantized(base, config: DbrxConfig):
+    """The abstract base quantized as quant.quantize_base stores it: values sharded as their
+    weight, scales too except along a contraction axis whose groups do not split evenly."""
+    bits, group = config.quant_bits, config.quant_group_size or None
+    quantized = jax.eval_shape(lambda b: quant.quantize_base(b, bits, group), base)
+    dense = dict(nnx.to_flat_state(base))
+    out = []
+    for path, variable in nnx.to_flat_state(quantized):
+        value, weight = variable.get_value(), dense[path].get_value()
+        if isinstance(value, quant.QuantizedWeight):
+            mesh, spec = weight.sharding.mesh, list(weight.sharding.spec)
+            spec += [None] * (weight.ndim - len(spec))
+            axes = spec[value.axis]
+            names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+            if value.scales.shape[value.axis] % math.prod(mesh.shape[a] for a in names):
+                spec[value.axis] = None
+            scales = NamedSharding(mesh, P(*spec))
+            value = value.replace(
+                values=jax.ShapeDtypeStruct(
+                    value.values.shape, value.values.dtype, sharding=weight.sharding
+                ),
+                scales=jax.ShapeDtypeStruct(
+                    value.scales.shape, value.scales.dtype, sharding=scales
+                ),
+            )
+        else:
+            value = weight
+        out.append((path, variable.replace(value)))
+    return nnx.from_flat_state(out)
 
 
 def init_train_state(
