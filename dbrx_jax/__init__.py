@@ -40,6 +40,7 @@ from dbrx_jax.moe import (
     plan_moe,
     router_z_loss,
 )
+from dbrx_jax.state import load_adapted
 
 __all__ = [
     "PRESETS",
@@ -53,6 +54,7 @@ __all__ = [
     "RouterOutput",
     "Routing",
     "from_pretrained",
+    "load_adapted",
     "load_balancing_loss",
     "moe_aux_loss",
     "moe_stats",

@@ -202,3 +202,15 @@ def test_a_generation_lists_its_slices_smallest_first():
     assert slice_targets("v5p")[-1].chips == 8192 and slice_targets("v5e")[-1].chips == 256
     with pytest.raises(ValueError, match="expected a generation"):
         slice_targets("v9")
+
+
+@pytest.mark.slow
+def test_lora_and_qlora_train_steps_compile_with_the_base_as_stored():
+    """Adapters compile through the TPU kernels; a 4-bit base is counted as stored."""
+    frozen = {}
+    for bits in (0, 4):
+        config = _config(lora_rank=8, lora_targets="attn.*,ffn.*", quant_bits=bits)
+        report = aot.compile_report(config, parse_target("v5p-8"), "train")
+        assert report["fits"]
+        frozen[bits] = report["memory"]["frozen base"]
+    assert frozen[4] < 0.5 * frozen[0]
