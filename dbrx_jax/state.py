@@ -138,7 +138,7 @@ def initial_state(
         model_config, tx, mesh
     )
     if abstract_frozen:
-        frozen = _frozen_base(model_config, mesh, abstract_frozen[0], init_from, seed)
+        frozen = _frozen_base(model_config, mesh, init_from, seed)
         init_from = ""  # the base's source; the adapters start fresh
     else:
         frozen = ()
@@ -171,9 +171,11 @@ def _sharded_init(create, abstract):
     return jax.jit(create, out_shardings=jax.tree.map(lambda x: x.sharding, abstract))()
 
 
-def _frozen_base(config: DbrxConfig, mesh: Mesh, abstract_base, init_from: str, seed: int):
+def _frozen_base(config: DbrxConfig, mesh: Mesh, init_from: str, seed: int):
     """The frozen base of an adapter run: `init_from`'s parameters, or the seed's new model's
     (the same on every resume); with `quant_bits`, its block matrices quantized (QLoRA)."""
+    model = nnx.eval_shape(lambda: Dbrx(config, rngs=nnx.Rngs(0), mesh=mesh))
+    abstract_base = sharding.abstract_on(split_trainable(model)[2][0], mesh)  # unquantized
     if init_from:
         log.info("frozen base from %s", init_from)
         plain = config.replace(lora_rank=0, quant_bits=0, quant_group_size=0)
@@ -283,9 +285,8 @@ def load_adapted(
     run, _, graphdef, adapters = restore_run(workdir, step, mesh)
     if not run.model.lora_rank:
         raise ValueError(f"{workdir}: this run has no adapters (lora_rank=0): export it instead")
-    _, _, _, frozen = abstract_train_state(run.model, make_optimizer(run.experiment), mesh)
     source = base or run.experiment.init_from
-    frozen = _frozen_base(run.model, mesh, frozen[0], source, run.experiment.seed)
+    frozen = _frozen_base(run.model, mesh, source, run.experiment.seed)
     return nnx.merge(graphdef, adapters, *frozen)
 
 
