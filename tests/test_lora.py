@@ -171,10 +171,8 @@ def _assert_close_to(reference, ours, what):
             )
 
 
-@pytest.mark.parametrize(
-    "impl",
-    [pytest.param(d, marks=[] if d == "dropless" else [pytest.mark.slow]) for d in DISPATCHES],
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", DISPATCHES)
 def test_adapter_gradients_match_a_float64_merged_reference(impl, float64_reference):
     """Our adapted model's gradients (fp32, this dispatch path, the low-rank terms by the
     path's own matmuls) against `float64_reference`, for every target."""
@@ -213,6 +211,7 @@ def _batch(mesh):
     return sharding.shard_batch(data.model_batch(tokens), mesh)
 
 
+@pytest.mark.slow
 def test_only_the_adapters_train_and_the_base_stays_bitwise_unchanged():
     _, params, opt_state, frozen, step, mesh = _train_step_program(4)
     assert all(isinstance(v, nnx.LoRAParam) for _, v in nnx.to_flat_state(params))
@@ -324,6 +323,7 @@ def test_the_memory_plan_puts_dbrx_132b_qlora_on_one_h200_and_lora_on_eight_80gb
         memory.lora_memory_per_device(config, {"data": 1}, base_bits=3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits, group", [(8, 0), (4, 16)])
 def test_qlora_runs_on_the_dequantized_base_and_trains_only_adapters(bits, group):
     """A quantized base (QLoRA) computes exactly what its dequantized weights compute, the
