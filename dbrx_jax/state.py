@@ -308,7 +308,8 @@ def export_from_workdir(
     export does (the converter's HF export included)."""
     inputs = [os.path.join(workdir, CHECKPOINTS), os.path.join(workdir, RUN_CONFIG)]
     files.check_output(output, inputs=inputs, kind=checkpoint.EXPORT_OUTPUT, overwrite=overwrite)
-    run, step, _, params = restore_run(workdir, step)
+    mesh = sharding.make_mesh({"data": -1})
+    run, step, graphdef, params = restore_run(workdir, step, mesh)
     if bool(run.model.lora_rank) != merge_lora:
         raise ValueError(
             f"{workdir}: a LoRA run's checkpoints hold its adapters alone: export it with "
@@ -317,8 +318,9 @@ def export_from_workdir(
             else f"{workdir}: --merge_lora: this run has no adapters (lora_rank=0)"
         )
     config = run.model
-    if merge_lora:
-        merged = load_adapted(workdir, step=step).merge_lora()
+    if merge_lora:  # the restored adapters on the run's base
+        base = _frozen_base(run.model, mesh, run.experiment.init_from, run.experiment.seed)
+        merged = nnx.merge(graphdef, params, *base).merge_lora()
         params, config = nnx.state(merged, nnx.Param), merged.config
         if run.experiment.init_from:
             inputs.append(run.experiment.init_from)

@@ -43,11 +43,12 @@ def build_program(
 
 
 def compile_report(
-    config: ml_collections.ConfigDict, target: Target, step: str = "train"
+    config: ml_collections.ConfigDict, target: Target, step: str = "train", *, built=None
 ) -> dict[str, object]:
     """Compiles `step` for `target` and reports on it (see the module docstring). A compile
-    that runs out of HBM gives a report with `fits: False` and the `out_of_memory` answer."""
-    program, mesh = build_program(config, target, step)
+    that runs out of HBM gives a report with `fits: False` and the `out_of_memory` answer.
+    `built`: `build_program`'s result for these arguments, if the caller has it already."""
+    program, mesh = built or build_program(config, target, step)
     model_config = experiment.model_config(config.model)
     plan = plan_moe(model_config, mesh)  # what the model built for `mesh` holds (cached)
     report: dict[str, object] = {
@@ -249,12 +250,7 @@ def sweep(
     counts = [m for m in micro_batches if step == "train" and config.batch_size % m == 0] or [1]
     results = []
     for mesh, remat, micro in itertools.islice(itertools.product(meshes, remats, counts), limit):
-        trial = config.copy_and_resolve_references()
-        trial.unlock()
-        trial.mesh.update(mesh)
-        trial.model.remat_policy = remat
-        trial.grad_accum_steps = micro
-        trial.lock()
+        trial = _trial(config, mesh, remat, micro)
         try:
             report = compile_report(trial, target, step)
         except ValueError as e:  # a mesh the batch or model cannot use
@@ -278,6 +274,19 @@ def fits_summary(reports: list[dict]) -> str:
             f"{(r['mfu_bound'] or math.nan):.0%}"
         )
     return "\n".join(rows)
+
+
+def _trial(config: ml_collections.ConfigDict, mesh: dict, remat=None, micro=None):
+    """`config` on `mesh`, with this remat policy and micro-batch count if given."""
+    trial = config.copy_and_resolve_references()
+    trial.unlock()
+    trial.mesh.update(mesh)
+    if remat is not None:
+        trial.model.remat_policy = remat
+    if micro is not None:
+        trial.grad_accum_steps = micro
+    trial.lock()
+    return trial
 
 
 def _micro_batches(batch: int, mesh: dict) -> list[int]:
@@ -321,19 +330,16 @@ def smallest_slice(
         row["hbm"] = float(target.hbm_per_device)
         meshes = _meshes(devices, model, config.batch_size if step == "train" else None)
         for mesh in meshes[:meshes_per_slice]:
-            trial = config.copy_and_resolve_references()
-            trial.unlock()
-            trial.mesh.update(mesh)
             if step == "train":
-                trial.model.remat_policy = "full"
-                trial.grad_accum_steps = _micro_batches(config.batch_size, mesh)[0]
-            trial.lock()
+                trial = _trial(config, mesh, "full", _micro_batches(config.batch_size, mesh)[0])
+            else:
+                trial = _trial(config, mesh)
             try:
-                program, _ = build_program(trial, target, step)
+                built = build_program(trial, target, step)
             except ValueError as e:  # a mesh the model or batch cannot use
                 log.info("slice search: %s %s skipped: %s", target.name, mesh, e)
                 continue
-            arguments = float(analysis.device_bytes(program.args))
+            arguments = float(analysis.device_bytes(built[0].args))
             if arguments > target.hbm_per_device:
                 if row["needed"] is None or arguments < row["needed"]:
                     row.update(verdict="arguments exceed HBM", needed=arguments)
@@ -344,7 +350,7 @@ def smallest_slice(
                     arguments / GiB,
                 )
                 continue
-            report = compile_report(trial, target, step)
+            report = compile_report(trial, target, step, built=built)
             # Compiled but over HBM ("memory"), or stopped by the compiler ("out_of_memory").
             if "memory" in report:
                 needed = report["memory"]["total"]

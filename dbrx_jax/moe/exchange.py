@@ -77,16 +77,10 @@ def sharded_experts(
     # An adapter goes with its experts: A whole over its input dim (as the weight, gathered
     # over fsdp), B split over F like w1 and v1; w2's A split over F (its partial products
     # are summed by the psum over `tensor` with the weight's).
-    if isinstance(w1_EDF, LowRank):
-        w13_1 = LowRank(w13, P("expert", None, None), w13, w1_EDF.scale)
-    else:
-        w13_1 = w13
-    if isinstance(v1_EDF, LowRank):
-        w13_v = LowRank(w13, P("expert", None, None), w13, v1_EDF.scale)
-    else:
-        w13_v = w13
-    if isinstance(w2_EFD, LowRank):
-        w2 = LowRank(w2, w2, P("expert", None, None), w2_EFD.scale)
+    whole = P("expert", None, None)
+    w13_1 = _adapted_spec(w1_EDF, w13, whole, w13)
+    w13_v = _adapted_spec(v1_EDF, w13, whole, w13)
+    w2 = _adapted_spec(w2_EFD, w2, w2, whole)
     adapted = any(isinstance(w, LowRank) for w in (w1_EDF, v1_EDF, w2_EFD))
 
     def local(x_BTD, ids_BTA, weights_BTA, w1, v1, w2):
@@ -117,6 +111,11 @@ def sharded_experts(
         out_specs=batch,
         check_vma=False,
     )(x_BTD, expert_ids_BTA, weights_BTA, w1_EDF, v1_EDF, w2_EFD)
+
+
+def _adapted_spec(w, spec: P, a_spec: P, b_spec: P) -> P | LowRank:
+    """`spec` for a plain weight; the matching specs of a weight with an adapter."""
+    return LowRank(spec, a_spec, b_spec, w.scale) if isinstance(w, LowRank) else spec
 
 
 def _first_local_expert(num_local: int) -> jax.Array:
