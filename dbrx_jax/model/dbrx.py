@@ -77,13 +77,16 @@ class KVCache:
 
 @struct.dataclass
 class DbrxOutput:
-    """logits: `[B, T, V]` in the compute dtype (`[B, 1, V]` with `last_only`).
+    """logits: `[B, T, V]` in the compute dtype (`[B, 1, V]` with `last_only`); None with
+      `head=False`, which gives `hidden` instead: the final normed states `[B, T, D]`, for the
+      LM head (`Dbrx.unembed`) at positions of one's choosing.
     router: every layer's routing: what the load-balancing loss and router probes read.
     cache: the updated KV cache when one was given, else None."""
 
-    logits: jax.Array
+    logits: jax.Array | None
     router: Routing
     cache: KVCache | None = None
+    hidden: jax.Array | None = None
 
 
 def positions_from_segments(segment_ids_BT: jax.Array) -> jax.Array:
@@ -155,6 +158,7 @@ class Dbrx(nnx.Module):
         cache: KVCache | None = None,
         jitter_key: jax.Array | None = None,
         last_only: bool = False,
+        head: bool = True,
     ) -> DbrxOutput:
         """Forward pass over T tokens.
 
@@ -167,6 +171,8 @@ class Dbrx(nnx.Module):
           decoding). A cached row holds one sequence after its left padding (segment 0).
         jitter_key: a PRNG key turns on the router jitter of training (if moe_jitter_eps > 0).
         last_only: logits of the last position only (what generation samples from).
+        head: False skips the LM head: `hidden` instead of `logits` (scoring applies the head at
+          the positions it reads, `unembed`).
         """
         c = self.config
         if (tokens_BT is None) == (inputs_embeds_BTD is None):
@@ -197,14 +203,21 @@ class Dbrx(nnx.Module):
             h_BTD, cos_BTH, sin_BTH, mask_B1TS, cache, jitter_key, segment_ids_BT
         )
 
+        if last_only:
+            h_BTD = h_BTD[:, -1:]
         with jax.named_scope("lm_head"):
-            if last_only:
-                h_BTD = h_BTD[:, -1:]
+            h_BTD = self.norm_f(h_BTD)
+        if not head:
+            return DbrxOutput(logits=None, router=Routing.stack(router), cache=cache, hidden=h_BTD)
+        return DbrxOutput(logits=self.unembed(h_BTD), router=Routing.stack(router), cache=cache)
+
+    def unembed(self, h_BTD: jax.Array) -> jax.Array:
+        """The LM head: final normed states `[B, T, D]` to logits `[B, T, V]`."""
+        with jax.named_scope("lm_head"):
             logits_BTV = jnp.einsum(
-                "BTD,DV->BTV", self.norm_f(h_BTD), self.lm_head[...].astype(c.compute_dtype)
+                "BTD,DV->BTV", h_BTD, self.lm_head[...].astype(self.config.compute_dtype)
             )
-            logits_BTV = constrain(logits_BTV, ("batch", "seq", "vocab"), self.mesh)
-        return DbrxOutput(logits=logits_BTV, router=Routing.stack(router), cache=cache)
+            return constrain(logits_BTV, ("batch", "seq", "vocab"), self.mesh)
 
     def embed(self, tokens_BT: jax.Array) -> jax.Array:
         """Token embeddings `[B, T, D]` in the compute dtype."""
