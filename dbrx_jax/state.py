@@ -26,9 +26,10 @@ from jax.sharding import PartitionSpec as P
 from dbrx_jax import quant, sharding
 from dbrx_jax.config import DbrxConfig
 from dbrx_jax.io import checkpoint, files
-from dbrx_jax.io.pretrained import load_params
+from dbrx_jax.io.pretrained import from_pretrained, load_params
 from dbrx_jax.model import Dbrx
 from dbrx_jax.optim import make_optimizer
+from dbrx_jax.tokenizer import Tokenizer, load_tokenizer, tokenizer_for_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +289,33 @@ def load_adapted(
     source = base or run.experiment.init_from
     frozen = _frozen_base(run.model, mesh, source, run.experiment.seed)
     return nnx.merge(graphdef, adapters, *frozen)
+
+
+def load_for_inference(
+    checkpoint: str,
+    adapters: str = "",
+    tokenizer: str = "",
+    mesh: Mesh | None = None,
+    **overrides: Any,
+) -> tuple[Dbrx, Tokenizer | None]:
+    """A model to generate from or score, with its tokenizer: `checkpoint` (our export or an HF
+    directory; `overrides` are DbrxConfig fields, as for `from_pretrained`), or with `adapters`
+    (a LoRA run's workdir) that run's adapters on `checkpoint` as the base. The tokenizer is
+    `tokenizer` (a `load_tokenizer` spec), else the run's, else the checkpoint's
+    (`tokenizer_for_checkpoint`); None when there is none (token ids only)."""
+    if adapters:
+        if overrides:
+            raise ValueError(
+                f"{adapters}: a LoRA run is loaded with its own config; cannot override "
+                f"{', '.join(sorted(overrides))}"
+            )
+        model = load_adapted(adapters, base=checkpoint, mesh=mesh)
+        tokenizer = tokenizer or RunConfig.read(adapters).tokenizer
+    else:
+        model = from_pretrained(checkpoint, mesh=mesh, **overrides)  # into its shards
+    if tokenizer:
+        return model, load_tokenizer(tokenizer)
+    return model, tokenizer_for_checkpoint(checkpoint, model.config.vocab_size)
 
 
 def export_from_workdir(

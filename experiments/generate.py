@@ -16,10 +16,8 @@ import sys
 import jax
 from absl import app, flags
 
-import dbrx_jax
 from dbrx_jax import chat, cli, sharding, state
 from dbrx_jax import generate as gen
-from dbrx_jax.tokenizer import load_tokenizer, tokenizer_for_checkpoint
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Our export or an HF directory.", required=True
@@ -50,17 +48,8 @@ def main(argv):
     prompts = [_ids(group) for flag in _PROMPT_IDS.value for group in flag.split(";") if group]
     sampling = gen.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
     mesh = sharding.make_mesh(sharding.parse_mesh(_MESH.value)) if _MESH.value else None
-    if _ADAPTERS.value:  # the base, then the run's adapters on it (unmerged)
-        model = state.load_adapted(_ADAPTERS.value, base=_CHECKPOINT.value, mesh=mesh)
-        tokenizer = _TOKENIZER.value or state.RunConfig.read(_ADAPTERS.value).tokenizer
-    else:
-        model = dbrx_jax.from_pretrained(_CHECKPOINT.value, mesh=mesh)  # into its shards
-        tokenizer = _TOKENIZER.value
-    config = model.config
-    tok = (
-        load_tokenizer(tokenizer)
-        if tokenizer
-        else tokenizer_for_checkpoint(_CHECKPOINT.value, config.vocab_size)
+    model, tok = state.load_for_inference(
+        _CHECKPOINT.value, _ADAPTERS.value or "", _TOKENIZER.value or "", mesh
     )
     for text in _PROMPT.value:
         if tok is None:
