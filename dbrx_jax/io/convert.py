@@ -9,7 +9,10 @@ tensorstore. `from_pretrained` and training's `init_from` then restore it onto a
 device reading just its own chunks.
 
 jax_to_hf goes the other way into ~5 GB `model-0000N-of-0000M.safetensors` shards with an
-index, `config.json` and `generation_config.json`, writing each file front to back.
+index, `config.json` and `generation_config.json`, writing each file front to back. Tokenizer
+files of the input are copied along both ways; an export without any that has DBRX's vocabulary
+gets DBRX's tokenizer (io/hf_tokenizer.py, with dbrx-instruct's chat template), so
+AutoTokenizer and lm-evaluation-harness load the output.
 
 Both write their output by the one rule of io/files.py: into `<output>.partial`, renamed into
 place when complete; never over an input; an existing output replaced only with `overwrite` and
@@ -24,6 +27,7 @@ import collections
 import concurrent.futures
 import functools
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -37,9 +41,9 @@ import tensorstore as ts
 from flax import nnx
 from tqdm import tqdm
 
-from dbrx_jax import sharding
+from dbrx_jax import chat, sharding, tokenizer
 from dbrx_jax.config import DTYPES, DbrxConfig, dtype_name
-from dbrx_jax.io import checkpoint, files, hf_format
+from dbrx_jax.io import checkpoint, files, hf_format, hf_tokenizer
 from dbrx_jax.io.hf_format import TENSOR_MAPS, TensorMap
 from dbrx_jax.io.pretrained import param_variables
 from dbrx_jax.io.safetensors import SafetensorsCheckpoint, SafetensorsWriter
@@ -56,6 +60,8 @@ TOKENIZER_FILES = (
 )
 SHARD_BYTES = 5 * 10**9
 
+log = logging.getLogger(__name__)
+
 
 def _progress(total_bytes: int, desc: str, enabled: bool):
     return tqdm(
@@ -68,10 +74,29 @@ def _progress(total_bytes: int, desc: str, enabled: bool):
     )
 
 
-def _copy_tokenizer_files(source: str, target: str) -> None:
+def _copy_tokenizer_files(source: str, target: str) -> list[str]:
+    copied = []
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(source, name)):
             shutil.copy(os.path.join(source, name), target)
+            copied.append(name)
+    return copied
+
+
+def _tokenizer_files(source: str, target: str, config: DbrxConfig) -> None:
+    """The tokenizer files of `source`, or for a DBRX-sized vocabulary without any, DBRX's
+    tokenizer built from the bundled cl100k_base ranks."""
+    if _copy_tokenizer_files(source, target):
+        return
+    if config.vocab_size != tokenizer.DBRX_MODEL_VOCAB_SIZE:
+        return
+    written = hf_tokenizer.write_hf_tokenizer(target, chat_template=chat.chat_template())
+    log.info(
+        "%s has no tokenizer files; wrote DBRX's tokenizer (cl100k_base + DBRX's special "
+        "tokens, dbrx-instruct's chat template): %s",
+        source,
+        ", ".join(written),
+    )
 
 
 def pieces(row: TensorMap, config: DbrxConfig):
@@ -385,5 +410,5 @@ def jax_to_hf(
             json.dump(hf_format.config_json(config), f, indent=2)
         with open(os.path.join(tmp, hf_format.GENERATION_CONFIG_FILE), "w") as f:
             json.dump(hf_format.generation_config_json(config), f, indent=2)
-        _copy_tokenizer_files(our_dir, tmp)
+        _tokenizer_files(our_dir, tmp, config)
     return config
