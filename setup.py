@@ -3,6 +3,8 @@
 from setuptools import find_packages, setup
 
 NOTEBOOKS = ["jupytext>=1.16", "nbclient>=0.10", "ipykernel>=6.29", "matplotlib>=3.8"]
+# lm-evaluation-harness, for dbrx_jax/evaluation/harness.py (its hf backend needs torch too).
+EVAL = ["lm-eval>=0.4.13,<0.5"]
 
 setup(
     name="dbrx_jax",
@@ -14,6 +16,10 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.11",
     packages=find_packages(include=["dbrx_jax", "dbrx_jax.*"]),
+    # The local lm-eval task set (YAML, data and its loader), read by lm-eval as files.
+    package_data={
+        "dbrx_jax.evaluation": [f"tasks/*/*.{ext}" for ext in ("yaml", "jsonl", "py", "md")]
+    },
     # Ranges are the ones tested: jax 0.10.2 here, 0.11.2 on the GPU machines.
     install_requires=[
         "jax>=0.10.2,<0.13",
@@ -39,6 +45,8 @@ setup(
     extras_require={
         # Running the notebooks (and keeping their .py / .ipynb pairs in step).
         "notebooks": NOTEBOOKS,
+        # Scoring with lm-evaluation-harness (experiments/evaluate.py).
+        "eval": EVAL,
         # The parity reference: real transformers on CPU torch (never imported by the library).
         "test": [
             "pytest>=8",
@@ -48,6 +56,8 @@ setup(
             # libtpu (the version jax pins): compiling for TPU slices on this host
             "jax[tpu]>=0.10.2,<0.13",
             *NOTEBOOKS,
+            # ... and lm-eval's hf backend, the reference our lm-eval backend is held to
+            "lm-eval[hf]>=0.4.13,<0.5",
         ],
         "dev": ["ruff>=0.6"],
     },

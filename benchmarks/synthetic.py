@@ -1,5 +1,6 @@
 """Synthetic inputs of the benchmarks (and of tests that want the same ones): router choices of a
-given balance, and a DBRX checkpoint in the Hugging Face format with random bits."""
+given balance, a DBRX checkpoint in the Hugging Face format with random bits, and a random model
+exported to the HF format."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ import os
 
 import ml_dtypes
 import numpy as np
+from flax import nnx
 
 from dbrx_jax import DbrxConfig
-from dbrx_jax.io.convert import pieces
+from dbrx_jax.io.checkpoint import export_params
+from dbrx_jax.io.convert import jax_to_hf, pieces
 from dbrx_jax.io.hf_format import TENSOR_MAPS
 from dbrx_jax.io.safetensors import SafetensorsWriter
+from dbrx_jax.model import Dbrx
+from dbrx_jax.tokenizer import DBRX_VOCAB_SIZE
 
 
 def routing(
@@ -78,3 +83,17 @@ def synthetic_hf_checkpoint(
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(config.to_hf(), f)
     return total
+
+
+def random_hf_model(directory: str, config: DbrxConfig, *, seed: int = 0) -> str:
+    """A randomly initialised model of `config`, exported (`directory/export`) and converted to
+    the HF format (`directory/hf`, returned), tokenizer files included for DBRX's vocabulary.
+    LM-head columns past the tokenizer's ids are zero, as nothing ever predicts them in the
+    release, so that no backend's greedy choice lands on a padding row."""
+    model = Dbrx(config, rngs=nnx.Rngs(seed))
+    if config.vocab_size > DBRX_VOCAB_SIZE:
+        model.lm_head[...] = model.lm_head[...].at[:, DBRX_VOCAB_SIZE:].set(0)
+    export, hf = os.path.join(directory, "export"), os.path.join(directory, "hf")
+    export_params(nnx.state(model, nnx.Param), config, export)
+    jax_to_hf(export, hf, progress=False)
+    return hf

@@ -131,6 +131,9 @@ def test_a_non_editable_install_works_from_another_directory(tmp_path):
         f"assert dbrx_jax.__file__.startswith({str(site)!r}), dbrx_jax.__file__\n"
         "from dbrx_jax import data\n"
         "assert pathlib.Path(data.kjv_path()).is_file()\n"
+        "from dbrx_jax.evaluation import TASKS_DIR\n"  # the lm-eval task set travels as data
+        "assert pathlib.Path(TASKS_DIR, 'kjv', 'kjv_choice.yaml').is_file()\n"
+        "assert pathlib.Path(TASKS_DIR, 'kjv', 'verses_test.jsonl').is_file()\n"
         "m = dbrx_jax.Dbrx(dbrx_jax.DbrxConfig.preset('dbrx-tiny'), rngs=nnx.Rngs(0))\n"
         "print(m.plan.describe())\n"
     )
