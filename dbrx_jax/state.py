@@ -352,5 +352,13 @@ def export_from_workdir(
         params, config = nnx.state(merged, nnx.Param), merged.config
         if run.experiment.init_from:
             inputs.append(run.experiment.init_from)
-    checkpoint.export_params(params, config, output, inputs=inputs, overwrite=overwrite)
+    # A run's own sentencepiece model goes along (not `dbrx` or an `hf:` directory's).
+    spm = run.tokenizer if os.path.isfile(run.tokenizer) else None
+    if spm is None and run.tokenizer not in ("", "dbrx") and not run.tokenizer.startswith("hf:"):
+        log.warning(
+            "%s: its tokenizer %s is not there: exported without it", workdir, run.tokenizer
+        )
+    checkpoint.export_params(
+        params, config, output, inputs=inputs, overwrite=overwrite, tokenizer_file=spm
+    )
     return step

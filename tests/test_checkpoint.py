@@ -18,6 +18,7 @@ import dbrx_jax
 from dbrx_jax import data, experiment, optim, sharding, state, train
 from dbrx_jax.io import checkpoint
 from dbrx_jax.io.pretrained import load_params
+from dbrx_jax.tokenizer import SentencePieceTokenizer, tokenizer_for_checkpoint
 from tests import helpers
 
 TRAIN = (
@@ -194,6 +195,9 @@ def test_export_loads_with_from_pretrained_and_starts_a_new_run(tmp_path):
     with pytest.raises(ValueError, match="has no step 2; its steps: \\[3\\]"):
         state.export_from_workdir(str(workdir), str(tmp_path / "other"), step=2)
     model = dbrx_jax.from_pretrained(export)
+    # The run's sentencepiece model goes with it: generation and evaluation find it there.
+    assert (export / "spm_1024.model").is_file()
+    assert isinstance(tokenizer_for_checkpoint(str(export), 512), SentencePieceTokenizer)
     tokens = jnp.asarray(np.random.RandomState(0).randint(4, 200, (2, 8)), jnp.int32)
     logits = model(tokens).logits
     assert np.isfinite(np.asarray(logits)).all()

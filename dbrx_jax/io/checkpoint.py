@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -314,11 +315,14 @@ def export_params(
     *,
     inputs: Sequence[str] = (),
     overwrite: bool = False,
+    tokenizer_file: str | None = None,
 ) -> None:
     """A params-only checkpoint (`directory/params`) plus `dbrx_config.json`: what
     `from_pretrained(directory)` loads and `train` can start from (`init_from`). Written by the
     rule of io/files.py (atomic; an existing export replaced only with `overwrite`; never
-    over one of `inputs`, the paths the parameters were read from). Every process calls it."""
+    over one of `inputs`, the paths the parameters were read from). Every process calls it.
+    `tokenizer_file` (a run's sentencepiece model) is copied in, where generation and
+    evaluation look for a checkpoint's tokenizer."""
     multi = jax.process_count() > 1
     with files.output_directory(
         directory,
@@ -335,6 +339,8 @@ def export_params(
         if jax.process_index() == 0:
             with open(os.path.join(tmp, EXPORT_CONFIG), "w") as f:
                 f.write(config.to_json())
+            if tokenizer_file:
+                shutil.copy(tokenizer_file, tmp)
 
 
 def load_export_config(path: str | os.PathLike) -> DbrxConfig:
