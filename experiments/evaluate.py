@@ -17,6 +17,7 @@ import os
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import jax
 from absl import app, flags
 
 from dbrx_jax import cli
@@ -41,6 +42,9 @@ _GEN_KWARGS = flags.DEFINE_string("gen_kwargs", None, "e.g. temperature=0.7,do_s
 _SEED = flags.DEFINE_integer("seed", 0, "Few-shot sampling and generation seed.")
 _LOG_SAMPLES = flags.DEFINE_bool("log_samples", False, "Keep every sample in --output_json.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write lm-eval's results dict here.")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir", None, "Keep XLA's programs here: a rerun skips their compilation."
+)
 
 
 def main(argv):
@@ -53,6 +57,9 @@ def main(argv):
     if _OUTPUT_JSON.value and not os.path.isdir(out_dir):
         raise app.UsageError(f"--output_json={_OUTPUT_JSON.value}: no directory {out_dir}")
     manager = harness.task_manager(_TASKS.value, _INCLUDE_PATH.value)  # before the model loads
+    if _CACHE.value:  # one program per shape bucket, a couple of seconds each on a CPU
+        jax.config.update("jax_compilation_cache_dir", _CACHE.value)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     lm = harness.DbrxLM(
         _CHECKPOINT.value,
         adapters=_ADAPTERS.value,

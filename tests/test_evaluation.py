@@ -260,11 +260,13 @@ def test_evaluate_experiment(hf_dir, tmp_path):
         "--limit=3",
         "--batch_size=4",
         f"--output_json={out}",
+        f"--compilation_cache_dir={tmp_path / 'xla'}",
     )
     assert "kjv_choice" in result.stdout and "acc_norm" in result.stdout
     scores = json.loads(out.read_text())
     assert set(scores["results"]) == {"kjv_choice", "kjv_complete"}
-    assert not [p for p in os.listdir(tmp_path) if p != "scores.json"]
+    assert sorted(os.listdir(tmp_path)) == ["scores.json", "xla"]  # nothing half-written
+    assert os.listdir(tmp_path / "xla")  # the compiled programs, for the next run
 
 
 @pytest.mark.slow
