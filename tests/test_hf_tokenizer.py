@@ -207,3 +207,12 @@ def test_jax_to_hf_writes_no_tokenizer_for_another_vocabulary(tmp_path):
     export = _export(tmp_path / "export", 128)
     convert.jax_to_hf(str(export), str(tmp_path / "hf"), progress=False)
     assert not any((tmp_path / "hf" / name).exists() for name in convert.TOKENIZER_FILES)
+
+
+def test_ids_without_a_token_decode_to_nothing(hf_dir):
+    """A model can emit cl100k's unused ids and the embedding's padding rows; both tokenizers
+    skip them, as transformers' does."""
+    hello = DbrxTokenizer().encode("Hello")
+    for ids in ([100256, *hello, 100261], [*hello, 100275, 100300]):
+        assert DbrxTokenizer().decode(ids) == "Hello"
+        assert DbrxTokenizer(hf_dir).decode(ids) == "Hello"
