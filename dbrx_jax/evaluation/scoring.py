@@ -7,13 +7,17 @@ longer than the context window loses tokens on the left: the model reads the las
 `max_length` tokens of context + continuation, less the final token, as lm-eval's `hf` backend
 does. An empty continuation has log-likelihood 0 and is greedy (nothing to predict).
 
-`score` is the fast path. Requests are sorted by length, longest first, and cut into batches
-of `batch_size` rows. Each batch is padded on the right to a length bucket (a power of two,
-capped at `max_length`), its continuations to a second bucket, and its rows to `batch_size`,
-so that XLA compiles a handful of programs for any request mix. The LM head runs only at the
-continuation's positions (`Dbrx(logits_at_BK=...)`): over a large vocabulary it is most of a
-small model's forward, and the context's logits are never read. Right padding changes nothing
-for the real tokens (attention is causal and routing is dropless per token).
+`score` is the fast path. A request's window splits into a prefix (everything before the
+first scored position) and a suffix (the K tokens whose next-token logits are scored).
+Requests are sorted by length, longest first, with equal prefixes side by side (the choices of
+a multiple-choice question), and cut into batches of `batch_size` rows. In a batch each
+distinct prefix is read once into a KV cache; every request copies its prefix's cache rows and
+reads its suffix after them; the LM head, most of a small model's work over a large vocabulary,
+runs only at the N scored positions (`Dbrx(head=False)`, `Dbrx.unembed`). The distinct
+prefixes, their length, the suffix length and N are bucketed (powers of two, multiples of 8 and
+32), so XLA compiles a handful of programs for any request mix. Padding changes nothing for the
+real tokens: prefixes are left-padded into segment 0, suffixes right-padded after them
+(attention is causal), and routing is dropless, token by token.
 
 `score_one` is the reference: one request, the full logits, `jax.nn.log_softmax`.
 """
