@@ -93,6 +93,7 @@ def test_batched_scoring_equals_one_request_at_a_time():
     assert fast[-1][1]
 
 
+@pytest.mark.slow  # compiles a program per bucket
 def test_bucketing_compiles_a_handful_of_programs():
     config = DbrxConfig.preset("dbrx-tiny", max_seq_len=128)
     model = Dbrx(config, rngs=nnx.Rngs(0))
