@@ -4,6 +4,7 @@ same answers; the batched scoring equals the one-request reference; experiments/
 
 import json
 import os
+import socket
 
 import jax
 import lm_eval.evaluator
@@ -16,8 +17,9 @@ from lm_eval.models.huggingface import HFLM
 from benchmarks import synthetic
 from dbrx_jax import DbrxConfig
 from dbrx_jax.evaluation import harness, scoring
+from dbrx_jax.io.checkpoint import export_params
 from dbrx_jax.model import Dbrx
-from tests import helpers
+from tests import eval_worker, helpers
 
 MAX_SEQ_LEN = 96  # shorter than a KJV chapter: rolling windows and left truncation happen
 TASK_LIMIT = 6
@@ -226,6 +228,32 @@ def test_sharded_model_gives_the_same_answers(hf_dir, ours):
         "loglikelihood", [("Genesis 1:1", " In the beginning"), ("Amen", " and amen.")]
     )
     _assert_same_loglikelihoods(sharded.loglikelihood(requests), ours.loglikelihood(requests), 2e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_score_and_generate_as_one(tmp_path):
+    """A model spread over 2 processes x 4 devices (one SPMD program, as on many hosts): every
+    process gets the answers one process of 8 devices gets."""
+    config = DbrxConfig.preset("dbrx-tiny", max_seq_len=64)
+    export = str(tmp_path / "export")
+    export_params(nnx.state(Dbrx(config, rngs=nnx.Rngs(0)), nnx.Param), config, export)
+    worker = ("tests/eval_worker.py", f"--export={export}")
+    answers, tokens = eval_worker.run(export)  # here: one process, 8 devices
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = [
+        helpers.start(
+            *worker, "--num_processes=2", f"--process_id={i}", f"--port={port}", "--devices=4"
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["tokens"] == tokens
+        _assert_same_loglikelihoods(result["answers"], answers, atol=1e-5)
 
 
 def test_backend_argument_errors(tmp_path):
