@@ -31,7 +31,7 @@ DBRX_SPECIAL_TOKENS = {
 }
 DBRX_VOCAB_SIZE = 100280  # ids the tokenizer produces; the model's 100352 rows are padded
 CL100K_TOKENS = 100256  # ordinary tokens: ids 0..100255
-_SPECIAL_IDS = frozenset(DBRX_SPECIAL_TOKENS.values())
+DBRX_SPECIAL_IDS = frozenset(DBRX_SPECIAL_TOKENS.values())
 DBRX_MODEL_VOCAB_SIZE = 100352  # the embedding's rows: DBRX_VOCAB_SIZE padded to 128s
 # Generation stops on either (generation_config.json's eos_token_id).
 DBRX_STOP_IDS = (DBRX_SPECIAL_TOKENS["<|endoftext|>"], DBRX_SPECIAL_TOKENS["<|im_end|>"])
@@ -163,7 +163,7 @@ class DbrxTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Text of the ids; ids without a token (the embedding's padding rows, and cl100k's unused
         100256 and 100261..100275, which a model can still emit) are skipped, as HF does."""
-        ids = [int(i) for i in ids if int(i) < CL100K_TOKENS or int(i) in _SPECIAL_IDS]
+        ids = [int(i) for i in ids if int(i) < CL100K_TOKENS or int(i) in DBRX_SPECIAL_IDS]
         if self._tiktoken is not None:
             return self._tiktoken.decode(ids)
         return self._hf.decode(ids, skip_special_tokens=False)

@@ -51,7 +51,7 @@ from tqdm import tqdm
 from dbrx_jax import chat, sharding, state
 from dbrx_jax import generate as gen
 from dbrx_jax.evaluation import TASKS_DIR, scoring
-from dbrx_jax.tokenizer import DBRX_SPECIAL_TOKENS, DbrxTokenizer, Tokenizer
+from dbrx_jax.tokenizer import DBRX_SPECIAL_IDS, DbrxTokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +141,7 @@ class DbrxLM(TemplateLM):
     def tok_decode(self, ids: Sequence[int]) -> str:
         """Ids to text without special tokens (the hf backend's skip_special_tokens=True)."""
         if isinstance(self.tok, DbrxTokenizer):
-            special = set(DBRX_SPECIAL_TOKENS.values())
-            ids = [i for i in ids if i < self.tok.vocab_size and i not in special]
+            ids = [i for i in ids if i not in DBRX_SPECIAL_IDS]
         return self.tok.decode(ids)
 
     @property
@@ -184,11 +183,9 @@ class DbrxLM(TemplateLM):
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         """As TemplateLM's, except that an empty context and continuation scores (0.0, True)
         instead of failing inside the tokenizing."""
-        empty = [i for i, r in enumerate(requests) if r.args == ("", "")]
         rest = [r for r in requests if r.args != ("", "")]
         answers = iter(super().loglikelihood(rest, disable_tqdm=disable_tqdm) if rest else [])
-        empty = set(empty)
-        return [(0.0, True) if i in empty else next(answers) for i in range(len(requests))]
+        return [(0.0, True) if r.args == ("", "") else next(answers) for r in requests]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Each text's total log-likelihood over lm-eval's disjoint rolling windows (the first
@@ -294,9 +291,7 @@ class DbrxLM(TemplateLM):
         return tuple(ids)
 
     def _eos_text(self) -> str:
-        if isinstance(self.tok, DbrxTokenizer):
-            return "<|endoftext|>"
-        return self.tok.decode([self.tok.eos_id])
+        return self.tok.decode([self.tok.eos_id])  # "<|endoftext|>" for DBRX
 
     def _progress(self, total: int, what: str, disable: bool):
         return tqdm(total=total, desc=f"{what} requests", disable=disable or not self.show_progress)

@@ -32,8 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from dbrx_jax.model import Dbrx, KVCache
 
@@ -121,8 +119,6 @@ def score(
     for start in range(0, len(windows), batch_size):
         batch = windows[start : start + batch_size]
         arrays = _batch_arrays(batch, batch_size, max_length)
-        if model.mesh is not None:
-            arrays = [_replicated(a, model.mesh) for a in arrays]
         logprob_B, greedy_B = jax.device_get(_score_batch(graphdef, params, *arrays))
         for row, window in enumerate(batch):
             answers[window.index] = (float(logprob_B[row]), bool(greedy_B[row]))
@@ -163,13 +159,6 @@ def _batch_arrays(batch: list[_Window], batch_size: int, max_length: int) -> lis
         valid_N[n : n + length] = True
         n += length
     return [prefix_CP, prefix_segments_CP, prefix_row_B, suffix_BK, position_N, target_N, valid_N]
-
-
-def _replicated(array: np.ndarray, mesh) -> jax.Array:
-    """A copy on every device of the mesh; every process holds the same host array (the
-    harness runs the same requests on every host), so this works across hosts too."""
-    sharding = NamedSharding(mesh, P())
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
 @functools.partial(jax.jit, static_argnums=0)
