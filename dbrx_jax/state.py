@@ -220,10 +220,7 @@ class RunConfig:
     def write(self, workdir: str) -> None:
         """workdir/config.json, replaced whole (never left half-written)."""
         if jax.process_index() == 0:
-            path = os.path.join(workdir, RUN_CONFIG)
-            with open(path + ".tmp", "w") as f:
-                json.dump(self.to_json_dict(), f, indent=2)
-            os.replace(path + ".tmp", path)
+            files.write_json(os.path.join(workdir, RUN_CONFIG), self.to_json_dict())
 
     @classmethod
     def from_json_dict(cls, run: dict[str, Any]) -> RunConfig:

@@ -29,7 +29,6 @@ only process 0 shows progress (experiments/evaluate.py writes results from proce
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -51,6 +50,7 @@ from tqdm import tqdm
 from dbrx_jax import chat, sharding, state
 from dbrx_jax import generate as gen
 from dbrx_jax.evaluation import TASKS_DIR, scoring
+from dbrx_jax.io import files
 from dbrx_jax.tokenizer import DBRX_SPECIAL_IDS, DbrxTokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -344,12 +344,8 @@ def evaluate(lm: DbrxLM, tasks: Sequence[str], manager: TaskManager, **options) 
 
 def write_results(results: dict, path: str) -> None:
     """The results as JSON, written whole or not at all (process 0 only)."""
-    if jax.process_index() != 0:
-        return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2, default=lm_utils.handle_non_serializable)
-    os.replace(tmp, path)
+    if jax.process_index() == 0:
+        files.write_json(path, results, default=lm_utils.handle_non_serializable)
 
 
 def make_table(results: dict) -> str:

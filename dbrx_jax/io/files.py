@@ -82,6 +82,17 @@ def read_json(path: str | os.PathLike, what: str = "a JSON object") -> dict[str,
 # Writing.
 
 
+def write_json(path: str | os.PathLike, value: Any, default: Callable | None = None) -> None:
+    """`value` as indented JSON at `path`, replacing it whole (a temporary file renamed into
+    place): a crash leaves the old file or the new one, never half of one. `default` as for
+    json.dump (how to write what JSON has no type for)."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, default=default)
+    os.replace(tmp, path)
+
+
 @dataclasses.dataclass(frozen=True)
 class OutputKind:
     """What an output directory is (`name`, for messages) and how to recognise an existing one
