@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -57,6 +58,30 @@ def start(target: str, *args: str, **env_extra: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def run_processes(target: str, *args: str, processes: int = 2, devices: int = 4) -> list[dict]:
+    """Runs `processes` copies of a jax.distributed worker (tests/distributed_worker.py) on
+    this host, `devices` CPU devices each, joined over a free localhost port; returns the JSON
+    each printed last, in process order (a failed process fails the test)."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = [
+        start(
+            target,
+            *args,
+            f"--num_processes={processes}",
+            f"--process_id={i}",
+            f"--port={port}",
+            f"--devices={devices}",
+        )
+        for i in range(processes)
+    ]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
 
 
 def json_report(stdout: str):

@@ -4,7 +4,6 @@ same answers; the batched scoring equals the one-request reference; experiments/
 
 import json
 import os
-import socket
 
 import jax
 import lm_eval.evaluator
@@ -19,7 +18,7 @@ from dbrx_jax import DbrxConfig
 from dbrx_jax.evaluation import harness, scoring
 from dbrx_jax.io.checkpoint import export_params
 from dbrx_jax.model import Dbrx
-from tests import eval_worker, helpers
+from tests import distributed_worker, helpers
 
 MAX_SEQ_LEN = 96  # shorter than a KJV chapter: rolling windows and left truncation happen
 TASK_LIMIT = 6
@@ -237,21 +236,9 @@ def test_two_processes_score_and_generate_as_one(tmp_path):
     config = DbrxConfig.preset("dbrx-tiny", max_seq_len=64)
     export = str(tmp_path / "export")
     export_params(nnx.state(Dbrx(config, rngs=nnx.Rngs(0)), nnx.Param), config, export)
-    worker = ("tests/eval_worker.py", f"--export={export}")
-    answers, tokens = eval_worker.run(export)  # here: one process, 8 devices
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    procs = [
-        helpers.start(
-            *worker, "--num_processes=2", f"--process_id={i}", f"--port={port}", "--devices=4"
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    for proc, (out, err) in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, err[-3000:]
-        result = json.loads(out.strip().splitlines()[-1])
+    answers, tokens = distributed_worker.score_and_generate(export)  # one process, 8 devices
+    worker = ("tests/distributed_worker.py", "--job=eval", f"--export={export}")
+    for result in helpers.run_processes(*worker):
         assert result["tokens"] == tokens
         _assert_same_loglikelihoods(result["answers"], answers, atol=1e-5)
 

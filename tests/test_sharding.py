@@ -3,7 +3,6 @@ multi-process runtime on localhost."""
 
 import json
 import re
-import socket
 
 import jax
 import jax.numpy as jnp
@@ -203,27 +202,10 @@ def test_initialised_directly_into_the_sharded_layout():
     np.testing.assert_allclose(w1, Dbrx(TINY, rngs=nnx.Rngs(0)).blocks.ffn.w1[...], rtol=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     worker = "tests/distributed_worker.py"
     single = helpers.run(worker, "--devices=8")
-    port = _free_port()
-    procs = [
-        helpers.start(
-            worker, "--num_processes=2", f"--process_id={i}", f"--port={port}", "--devices=4"
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, err[-3000:]
     expected = json.loads(single.stdout.strip().splitlines()[-1])["losses"]
-    for out, _ in outputs:
-        losses = json.loads(out.strip().splitlines()[-1])["losses"]
-        np.testing.assert_allclose(losses, expected, rtol=1e-6)
+    for result in helpers.run_processes(worker):
+        np.testing.assert_allclose(result["losses"], expected, rtol=1e-6)
