@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from benchmarks import synthetic
-from dbrx_jax.moe import gmm
+from dbrx_jax.moe import blocked, gmm
 from dbrx_jax.moe.dispatch import (
     capacity_per_expert,
     collect_rows,
@@ -161,6 +161,44 @@ def test_kernel_gmm_vjp_with_reference_kernels():
     assert not np.asarray(got[33:]).any()
     for g, g_ref in zip(vjp(cotangent), vjp_ref(cotangent), strict=True):
         np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_blocked_head_and_tail_equal_the_reference(dtype):
+    """The CPU grouped GEMM against `_dense_gmm`, values and both gradients, with groups that
+    are empty, shorter than the head (C = 32), exactly the head, and longer by tails that take
+    one, several and the largest chunk (512 rows) more than once; rows past the groups are
+    zero both ways."""
+    align, head = 16, 32
+    sizes = [48, 0, 16, 32, 32 + 16 + 32 + 64, 32 + 2 * blocked.MAX_CHUNK + 16, 0, 64]
+    rows = sum(sizes) + 3 * align
+    lhs, rhs, group_sizes, cotangent = _kernel_problem(rows, 24, 40, sizes, dtype)
+    lhs = jnp.where(jnp.arange(rows)[:, None] < sum(sizes), lhs, 0)  # padding rows are zeros
+
+    def run(a, b):
+        return blocked.grouped_matmul(a, b, group_sizes, align=align, head=head)
+
+    got, vjp = jax.vjp(run, lhs, rhs)
+    # The reference in fp32 on the same values (bf16 autodiff would sum 1000 rows in bf16).
+    f32 = [x.astype(jnp.float32) for x in (lhs, rhs, cotangent)]
+    want, vjp_ref = jax.vjp(lambda a, b: _dense_gmm(a, b, group_sizes), *f32[:2])
+    cotangent_ref = f32[2]
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for x, y in zip((got, *vjp(cotangent)), (want, *vjp_ref(cotangent_ref)), strict=True):
+        x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+        np.testing.assert_allclose(x, y, rtol=tol, atol=tol * np.abs(y).max())
+    assert got.dtype == dtype and not np.asarray(got[sum(sizes) :], np.float32).any()
+    with pytest.raises(ValueError, match="blocked grouped GEMM: 40 rows are not a multiple"):
+        blocked.grouped_matmul(lhs[:40], rhs, group_sizes, align=align, head=head)
+
+
+def test_blocked_head_is_the_expected_share():
+    """The head covers an expert's expected rows plus half a block of padding, and the
+    alignment shrinks for a handful of rows (decoding)."""
+    assert blocked.head_rows(4096, 16, 16) == 272  # 256 + 8, rounded up to 16
+    assert blocked.head_rows(4, 16, 8) == 8
+    assert blocked.row_alignment(4096, 16) == blocked.ALIGN_ROWS
+    assert blocked.row_alignment(4, 16) == 8
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the Mosaic GPU kernels need Hopper")

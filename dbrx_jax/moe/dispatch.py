@@ -125,13 +125,22 @@ def _gather(x_MD, expert_ids_MA, w1_EDF, v1_EDF, w2_EFD, act):
 
 
 def dropless(
-    x_MD, expert_ids_MA, w1_EDF, v1_EDF, w2_EFD, act, gmm: GroupedMatmul, max_rows=None
+    x_MD,
+    expert_ids_MA,
+    w1_EDF,
+    v1_EDF,
+    w2_EFD,
+    act,
+    gmm: GroupedMatmul,
+    max_rows=None,
+    expected_rows=None,
 ) -> jax.Array:
     """1. Sort the assignments by expert (stable: token order within an expert) and give each a
        row in a layout where every expert's rows start on a multiple of the backend's
        alignment (1 for the kernels, a block for the CPU loop). Assignments to an expert id
        outside [0, E) are left out (the expert-parallel path uses this for experts held by other
-       devices); `max_rows` bounds how many can remain (default all).
+       devices); `max_rows` bounds how many can remain (default all), `expected_rows` is how
+       many are expected to (default `max_rows`; it sizes the CPU grouped GEMM's batched part).
     2. Gather the token rows into that layout; empty padding rows are zeros.
     3. Grouped GEMMs over the rows: act(x @ w1) * (x @ v1), then @ w2 (`v1=None`: w1 is the
        fused [w1 | v1], one GEMM for both).
@@ -144,8 +153,16 @@ def dropless(
         layout = sorted_layout(expert_ids_MA, E, alignment, max_rows)
         x_PD = dispatch_rows(x_MD, layout)
 
+    expected_rows = expected_rows or max_rows or expert_ids_MA.size
+
     def grouped(lhs_PI, rhs_EIO):
-        return gmm(lhs_PI, rhs_EIO, layout.group_sizes_U, block_rows=alignment)
+        return gmm(
+            lhs_PI,
+            rhs_EIO,
+            layout.group_sizes_U,
+            block_rows=alignment,
+            expected_rows=expected_rows,
+        )
 
     y_PD = glu(x_PD, w1_EDF, v1_EDF, w2_EFD, act, grouped)
     with jax.named_scope("permute"):

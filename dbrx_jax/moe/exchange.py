@@ -125,6 +125,8 @@ def _first_local_expert(num_local: int) -> jax.Array:
 def _local_only(x_MD, ids_MA, weights_MA, w1, v1, w2, act, plan):
     """Every token's assignments to this device's experts (fp32 partial outputs)."""
     E_local = w1.shape[0]
+    M, A = ids_MA.shape
+    Q = jax.lax.axis_size("expert")
     y_MAD = dropless(
         x_MD,
         ids_MA - _first_local_expert(E_local),
@@ -133,7 +135,8 @@ def _local_only(x_MD, ids_MA, weights_MA, w1, v1, w2, act, plan):
         w2,
         act,
         plan.gmm,
-        max_rows=ids_MA.shape[0] * min(ids_MA.shape[1], E_local),
+        max_rows=M * min(A, E_local),
+        expected_rows=-(-M * A // Q),  # this device's share of a balanced routing
     )
     return combine(y_MAD, weights_MA)
 
@@ -153,7 +156,9 @@ def _all_gather(x_MD, ids_MA, weights_MA, w1, v1, w2, act, plan):
         weights_group = jax.lax.all_gather(weights_MA, "expert", tiled=True)
     local_ids = ids_group - _first_local_expert(E_local)  # outside [0, E_local): left out
     max_rows = Q * M * min(A, E_local)
-    y_group = dropless(x_group, local_ids, w1, v1, w2, act, plan.gmm, max_rows=max_rows)
+    y_group = dropless(
+        x_group, local_ids, w1, v1, w2, act, plan.gmm, max_rows=max_rows, expected_rows=M * A
+    )  # expected: the group's assignments over Q devices
     partial_group = combine(y_group, weights_group)
     with jax.named_scope("expert_exchange"):
         return jax.lax.psum_scatter(partial_group, "expert", scatter_dimension=0, tiled=True)
@@ -183,8 +188,8 @@ def _all_to_all(x_MD, ids_MA, weights_MA, w1, v1, w2, act, plan):
         x_received = jax.lax.all_to_all(x_QCD, "expert", 0, 0).reshape(Q * C, D)
         ids_received = jax.lax.all_to_all(local_id_P.reshape(Q, C), "expert", 0, 0)
     y_received = dropless(
-        x_received, ids_received.reshape(Q * C, 1), w1, v1, w2, act, plan.gmm
-    ).reshape(Q, C, D)
+        x_received, ids_received.reshape(Q * C, 1), w1, v1, w2, act, plan.gmm, expected_rows=M * A
+    ).reshape(Q, C, D)  # expected: as many assignments as this device sends
     with jax.named_scope("expert_exchange"):
         y_back_PD = jax.lax.all_to_all(y_received, "expert", 0, 0).reshape(Q * C, D)
     return combine(collect_rows(y_back_PD, send), weights_MA)

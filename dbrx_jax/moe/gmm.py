@@ -13,9 +13,9 @@ Backends (`DbrxConfig.moe_gmm_impl`; `auto` is resolved for the target platform 
               tested on CPU with reference kernels in their place.
   megablox    JAX's TPU Pallas kernels (`auto` on TPU), tiled per shape and TPU generation
               (`megablox_tiling`); off TPU they run in Pallas' interpreter (tests only: slow).
-  blocked     a `lax.scan` over blocks of rows, each one expert's plain GEMM, with a
-              hand-written backward; the groups must start on block boundaries
-              (`row_alignment`). The CPU path.
+  blocked     the CPU path (moe/blocked.py): the first rows of every group in one batched
+              GEMM, the rest by a loop over experts in chunks, with a hand-written backward;
+              the groups must start on multiples of `row_alignment`.
 
 Shape letters as in dbrx_jax/model/__init__.py: P rows, I input features (the contraction),
 O output features, E experts (groups), W blocks of rows.
@@ -32,8 +32,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from dbrx_jax.moe import blocked
+
 BACKENDS = ("ragged_dot", "tokamax", "mgpu", "megablox", "blocked")
-BLOCK_ROWS = 128  # the largest block of the CPU loop
 
 
 def tokamax_available() -> bool:
@@ -92,13 +93,9 @@ class GroupedMatmul:
             )
 
     def row_alignment(self, num_rows: int, num_groups: int) -> int:
-        """Every group's first row must be a multiple of this in the rows given to the backend:
-        the block loop's block size, at most BLOCK_ROWS but no more than the average group needs
-        (a decode step has a handful of rows: 128-row blocks would be mostly padding)."""
-        if self.backend != "blocked":
-            return 1
-        per_group = max(1, -(-num_rows // num_groups))
-        return min(BLOCK_ROWS, max(8, 1 << (per_group - 1).bit_length()))
+        """Every group's first row must be a multiple of this in the rows given to the backend
+        (1 but for the CPU path: `blocked.row_alignment`)."""
+        return blocked.row_alignment(num_rows, num_groups) if self.backend == "blocked" else 1
 
     def __call__(
         self,
@@ -106,11 +103,13 @@ class GroupedMatmul:
         rhs_EIO: jax.Array,
         group_sizes_E: jax.Array,
         *,
-        block_rows: int = BLOCK_ROWS,
+        block_rows: int = 1,
+        expected_rows: int | None = None,
         preferred_element_type=None,
     ) -> jax.Array:
-        """`[P, I] x [E, I, O] -> [P, O]`; `block_rows` is the alignment the rows were laid out
-        with (the block loop's block)."""
+        """`[P, I] x [E, I, O] -> [P, O]`. `block_rows`: the alignment the rows were laid out
+        with (`row_alignment`); `expected_rows`: how many rows the groups are expected to hold
+        together (default P), which sizes the CPU path's batched head."""
         out_dtype = preferred_element_type or lhs_PI.dtype
         group_sizes_E = group_sizes_E.astype(jnp.int32)
         if self.backend == "ragged_dot":
@@ -130,97 +129,15 @@ class GroupedMatmul:
                 implementation="mosaic",
             )
         if self.backend == "blocked":
-            if lhs_PI.shape[0] % block_rows:
-                raise ValueError(
-                    f"blocked grouped GEMM: {lhs_PI.shape[0]} rows are not a multiple of "
-                    f"the block of {block_rows}"
-                )
-            return _blocked_gmm(lhs_PI, rhs_EIO, group_sizes_E, block_rows).astype(out_dtype)
+            E = rhs_EIO.shape[0]
+            head = blocked.head_rows(expected_rows or lhs_PI.shape[0], E, block_rows)
+            out = blocked.grouped_matmul(
+                lhs_PI, rhs_EIO, group_sizes_E, align=block_rows, head=head
+            )
+            return out.astype(out_dtype)
         if self.backend == "mgpu":
             return kernel_gmm(lhs_PI, rhs_EIO, group_sizes_E, MGPU_KERNELS).astype(out_dtype)
         return _megablox(lhs_PI, rhs_EIO, group_sizes_E, out_dtype, self.tpu, self.interpret)
-
-
-# ---------------------------------------------------------------------------------------------
-# blocked: a scan over blocks of rows.
-
-
-def _block_experts(
-    group_sizes_E: jax.Array, num_blocks: int, block_rows: int
-) -> tuple[jax.Array, jax.Array]:
-    """The expert of every block of rows, and whether the block holds any rows at all."""
-    ends_E = jnp.cumsum(group_sizes_E)
-    starts_W = jnp.arange(num_blocks) * block_rows
-    expert_W = jnp.minimum(jnp.searchsorted(ends_E, starts_W, side="right"), len(ends_E) - 1)
-    return expert_W, starts_W < ends_E[-1]
-
-
-def _accumulator(dtype) -> jnp.dtype:
-    return jnp.promote_types(dtype, jnp.float32)  # fp32, or float64 for float64 inputs
-
-
-def _blocked_forward(lhs_PI, rhs_EIO, group_sizes_E, block_rows):
-    """One GEMM per block of rows with its expert's matrix; empty blocks skipped."""
-    P, I = lhs_PI.shape
-    W, O = P // block_rows, rhs_EIO.shape[2]
-    expert_W, used_W = _block_experts(group_sizes_E, W, block_rows)
-    acc = _accumulator(lhs_PI.dtype)
-
-    def block(_, xs):
-        rows, expert, used = xs  # rows: [block_rows, I]
-        out = jax.lax.cond(
-            used,
-            lambda: jnp.matmul(rows, rhs_EIO[expert], preferred_element_type=acc),
-            lambda: jnp.zeros((block_rows, O), acc),
-        )
-        return None, out.astype(lhs_PI.dtype)
-
-    xs = (lhs_PI.reshape(W, block_rows, I), expert_W, used_W)
-    return jax.lax.scan(block, None, xs)[1].reshape(P, O)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _blocked_gmm(lhs_PI, rhs_EIO, group_sizes_E, block_rows):
-    return _blocked_forward(lhs_PI, rhs_EIO, group_sizes_E, block_rows)
-
-
-def _blocked_gmm_fwd(lhs_PI, rhs_EIO, group_sizes_E, block_rows):
-    out = _blocked_forward(lhs_PI, rhs_EIO, group_sizes_E, block_rows)
-    return out, (lhs_PI, rhs_EIO, group_sizes_E)
-
-
-def _blocked_gmm_bwd(block_rows, residuals, g_PO):
-    """d lhs: the same block loop against the transposed matrices. d rhs: each block adds
-    rows^T g into its expert's slice of an fp32 accumulator carried through the loop (autodiff
-    of the forward would add a full [E, I, O] array per block instead)."""
-    lhs_PI, rhs_EIO, group_sizes_E = residuals
-    d_lhs_PI = _blocked_forward(g_PO, rhs_EIO.transpose(0, 2, 1), group_sizes_E, block_rows)
-    P, I = lhs_PI.shape
-    W, O = P // block_rows, g_PO.shape[1]
-    expert_W, used_W = _block_experts(group_sizes_E, W, block_rows)
-    acc = _accumulator(lhs_PI.dtype)
-
-    def block(d_rhs_EIO, xs):
-        rows, g_rows, expert, used = xs
-        update_IO = jnp.matmul(rows.T, g_rows, preferred_element_type=acc)
-        update_IO = jnp.where(used, update_IO, 0.0)
-        # A dynamic slice update, done in place in the loop (a scatter-add would not be).
-        d_rhs_EIO = jax.lax.dynamic_update_index_in_dim(
-            d_rhs_EIO, d_rhs_EIO[expert] + update_IO, expert, 0
-        )
-        return d_rhs_EIO, None
-
-    xs = (
-        lhs_PI.reshape(W, block_rows, I),
-        g_PO.reshape(W, block_rows, O),
-        expert_W,
-        used_W,
-    )
-    d_rhs_EIO, _ = jax.lax.scan(block, jnp.zeros(rhs_EIO.shape, acc), xs)
-    return d_lhs_PI, d_rhs_EIO.astype(rhs_EIO.dtype), None
-
-
-_blocked_gmm.defvjp(_blocked_gmm_fwd, _blocked_gmm_bwd)
 
 
 # ---------------------------------------------------------------------------------------------

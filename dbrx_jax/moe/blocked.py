@@ -1,0 +1,216 @@
+"""The CPU grouped GEMM (`moe_gmm_impl="blocked"`): a batched head and a chunked tail.
+
+    out[p] = lhs[p] @ rhs[e(p)]   rows sorted by expert, expert e's group the e-th run of
+                                  `group_sizes[e]` rows, each group starting on a multiple of
+                                  `align` and its size a multiple of `align` (the padding rows
+                                  are zeros); rows past the groups give zeros.
+
+XLA:CPU's GEMM is most efficient on large operands, and a dot cannot read a slice of a stacked
+weight in place: a loop over blocks of rows copies its expert's whole matrix for every block. So:
+
+  head  the first C rows of every group (C = `head_rows`: about the rows an expert is expected
+        to get) are gathered into an `[E, C, I]` block and multiplied by one batched GEMM. A
+        group shorter than C reads zero rows.
+  tail  the rows of groups longer than C, by a loop over the experts that reads each expert's
+        matrix once and multiplies its tail rows in chunks of `align * 2^j` rows (at most
+        MAX_CHUNK), the largest chunk that fits, so no chunk reaches past its group.
+
+The backward is hand-written: d lhs is the same head and tail against the transposed matrices
+(dot dimension numbers, no transposed copy), d rhs the head's batched `lhs^T g` plus each
+expert's tail chunks summed in the loop. `jax.lax.ragged_dot` is the reference it is tested
+against (tests/test_moe_dispatch.py).
+
+Shape letters as in dbrx_jax/model/__init__.py: P rows, I input features (the contraction), O
+output features, E experts (groups), C head rows per expert.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+ALIGN_ROWS = 16  # the largest alignment asked of the layout: little padding per group
+MAX_CHUNK = 512  # the tail's largest GEMM: beyond this XLA:CPU's GEMM gains little
+
+
+def row_alignment(num_rows: int, num_groups: int) -> int:
+    """Each group's first row is a multiple of this: ALIGN_ROWS, or less when the groups are
+    small (a decode step has a handful of rows), but at least 8."""
+    per_group = max(1, -(-num_rows // num_groups))
+    return min(ALIGN_ROWS, max(8, 1 << (per_group - 1).bit_length()))
+
+
+def head_rows(expected_rows: int, num_groups: int, align: int) -> int:
+    """C: the expected rows of a group rounded up to `align`, plus the half block of padding
+    a group has on average; a balanced routing then leaves little for the tail. (A larger head,
+1.15x or 1.3x the expected rows, made the dbrx-small training step slower.)"""
+    per_group = -(-expected_rows // num_groups) + align // 2
+    return max(align, -(-per_group // align) * align)
+
+
+def grouped_matmul(lhs_PI, rhs_EIO, group_sizes_E, *, align: int, head: int):
+    """`[P, I] x [E, I, O] -> [P, O]` (see the module docstring); `head`: C."""
+    if lhs_PI.shape[0] % align:
+        raise ValueError(
+            f"blocked grouped GEMM: {lhs_PI.shape[0]} rows are not a multiple of the "
+            f"alignment {align}"
+        )
+    return _gmm(lhs_PI, rhs_EIO, group_sizes_E.astype(jnp.int32), align, head)
+
+
+def _accumulator(dtype) -> jnp.dtype:
+    return jnp.promote_types(dtype, jnp.float32)  # fp32, or float64 for float64 inputs
+
+
+def _chunks(align: int, num_rows: int) -> list[int]:
+    """The tail's chunk sizes: align, 2 align, ... up to MAX_CHUNK and the rows there are."""
+    sizes = [align]
+    while sizes[-1] * 2 <= min(MAX_CHUNK, num_rows):
+        sizes.append(sizes[-1] * 2)
+    return sizes
+
+
+def _largest_chunk(remaining, align: int, count: int):
+    """The index of the largest chunk `align * 2^j <= remaining` (remaining a multiple of
+    align, and positive)."""
+    blocks = (remaining // align).astype(jnp.int32)
+    return jnp.minimum(31 - jax.lax.clz(blocks), count - 1)
+
+
+class _Head:
+    """Where the head's rows come from and go to.
+
+    row_EC: the row of each head slot (P, a zero row, past the group's end).
+    slot_P: the head slot of each row (E * C, a zero row, for tail rows and rows past the
+    groups). starts_E: the first row of each group."""
+
+    def __init__(self, group_sizes_E, num_rows: int, head: int):
+        E = group_sizes_E.shape[0]
+        ends_E = jnp.cumsum(group_sizes_E)
+        self.starts_E = ends_E - group_sizes_E
+        c = jnp.arange(head, dtype=jnp.int32)
+        self.row_EC = jnp.where(c < group_sizes_E[:, None], self.starts_E[:, None] + c, num_rows)
+        p = jnp.arange(num_rows, dtype=jnp.int32)
+        expert_P = jnp.minimum(jnp.searchsorted(ends_E, p, side="right"), E - 1)
+        in_group_P = p - self.starts_E[expert_P]
+        in_head_P = (in_group_P < head) & (p < ends_E[-1])
+        self.slot_P = jnp.where(in_head_P, expert_P * head + in_group_P, E * head)
+
+    def gather(self, x_PI):
+        """`[E, C, I]`: each group's first C rows."""
+        return _with_zero_row(x_PI)[self.row_EC]
+
+    def scatter(self, y_ECO):
+        """`[P, O]`: each head row's output; zeros elsewhere."""
+        E, C, O = y_ECO.shape
+        return _with_zero_row(y_ECO.reshape(E * C, O))[self.slot_P]
+
+
+def _with_zero_row(x):
+    return jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])
+
+
+def _tail(start, size, head: int, align: int, num_rows: int, multiply, combine, carry):
+    """One expert's tail: from row `start + head` to `start + size`, chunk by chunk (the
+    largest that fits), `carry = combine(carry, multiply(c)(row), row)`."""
+    chunks = _chunks(align, num_rows)
+    branches = [multiply(c) for c in chunks]
+
+    def chunk(state):
+        carry, offset = state
+        j = _largest_chunk(size - offset, align, len(chunks))
+        row = start + offset
+        carry = combine(carry, jax.lax.switch(j, branches, row), row)
+        return carry, offset + (align << j)
+
+    state = (carry, jnp.int32(head))
+    return jax.lax.while_loop(lambda state: state[1] < size, chunk, state)[0]
+
+
+def _matmul(lhs_PI, rhs_EIO, group_sizes_E, align: int, head: int, transpose_rhs: bool):
+    """Head and tail of `lhs @ rhs[e]` (`rhs[e].T` with transpose_rhs: d lhs)."""
+    P = lhs_PI.shape[0]
+    O = rhs_EIO.shape[1] if transpose_rhs else rhs_EIO.shape[2]
+    acc = _accumulator(lhs_PI.dtype)
+    plan = _Head(group_sizes_E, P, head)
+    spec = "ECI,EOI->ECO" if transpose_rhs else "ECI,EIO->ECO"
+    y_ECO = jnp.einsum(spec, plan.gather(lhs_PI), rhs_EIO, preferred_element_type=acc)
+    head_PO = plan.scatter(y_ECO.astype(lhs_PI.dtype))
+
+    # The tail writes each chunk padded to the largest chunk, in row order: the padding lands
+    # on rows that a later chunk writes, or on head rows and rows past the groups, which are
+    # zeros here (the head is added after the loop).
+    big = _chunks(align, P)[-1]
+    contract = ((1,), (1,)) if transpose_rhs else ((1,), (0,))
+
+    def expert(tail_PO, xs):
+        w, start, size = xs
+
+        def multiply(c):
+            def run(row):
+                rows = jax.lax.dynamic_slice_in_dim(lhs_PI, row, c)  # inside the group
+                y = jax.lax.dot_general(rows, w, (contract, ((), ())), preferred_element_type=acc)
+                return jnp.pad(y.astype(lhs_PI.dtype), ((0, big - c), (0, 0)))
+
+            return run
+
+        def write(tail_PO, y, row):
+            return jax.lax.dynamic_update_slice_in_dim(tail_PO, y, row, 0)
+
+        return _tail(start, size, head, align, P, multiply, write, tail_PO), None
+
+    tail_PO = jnp.zeros((P + big, O), lhs_PI.dtype)
+    tail_PO, _ = jax.lax.scan(expert, tail_PO, (rhs_EIO, plan.starts_E, group_sizes_E))
+    return head_PO + tail_PO[:P]
+
+
+def _transposed(lhs_PI, g_PO, group_sizes_E, align: int, head: int):
+    """`[E, I, O]`: per expert, `lhs_rows^T g_rows` over its group (d rhs)."""
+    acc = _accumulator(lhs_PI.dtype)
+    plan = _Head(group_sizes_E, lhs_PI.shape[0], head)
+    head_EIO = jnp.einsum(
+        "ECI,ECO->EIO", plan.gather(lhs_PI), plan.gather(g_PO), preferred_element_type=acc
+    )
+    P, I = lhs_PI.shape
+    O = g_PO.shape[1]
+
+    def multiply(c):
+        def run(row):
+            rows = jax.lax.dynamic_slice_in_dim(lhs_PI, row, c)  # inside the group
+            g_rows = jax.lax.dynamic_slice_in_dim(g_PO, row, c)
+            return jax.lax.dot_general(
+                rows, g_rows, (((0,), (0,)), ((), ())), preferred_element_type=acc
+            )
+
+        return run
+
+    def expert(_, xs):
+        start, size = xs
+        add = lambda d_IO, update_IO, row: d_IO + update_IO  # noqa: E731
+        return None, _tail(start, size, head, align, P, multiply, add, jnp.zeros((I, O), acc))
+
+    _, tail_EIO = jax.lax.scan(expert, None, (plan.starts_E, group_sizes_E))
+    return head_EIO + tail_EIO
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _gmm(lhs_PI, rhs_EIO, group_sizes_E, align, head):
+    return _matmul(lhs_PI, rhs_EIO, group_sizes_E, align, head, transpose_rhs=False)
+
+
+def _gmm_fwd(lhs_PI, rhs_EIO, group_sizes_E, align, head):
+    out = _gmm(lhs_PI, rhs_EIO, group_sizes_E, align, head)
+    return out, (lhs_PI, rhs_EIO, group_sizes_E)
+
+
+def _gmm_bwd(align, head, residuals, g_PO):
+    lhs_PI, rhs_EIO, group_sizes_E = residuals
+    g_PO = g_PO.astype(lhs_PI.dtype)
+    d_lhs = _matmul(g_PO, rhs_EIO, group_sizes_E, align, head, transpose_rhs=True)
+    d_rhs = _transposed(lhs_PI, g_PO, group_sizes_E, align, head)
+    return d_lhs, d_rhs.astype(rhs_EIO.dtype), None
+
+
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
