@@ -31,6 +31,7 @@ KNOBS = (
     "moe_exchange",
     "moe_fuse_gate_up",
     "remat_policy",
+    "scan_unroll",
 )
 
 _CONFIG = config_flags.DEFINE_config_file(

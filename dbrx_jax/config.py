@@ -144,6 +144,7 @@ class DbrxConfig:
     dtype: str = "float32"  # activations and matmul inputs (any spelling; stored by name)
     param_dtype: str = "float32"  # stored parameters (the master copy when training)
     remat_policy: str = "none"  # one of REMAT_POLICIES, applied to each scanned block
+    scan_unroll: int = 0  # blocks per iteration of the layer scan; 0: auto (layer_unroll_for)
     attention_impl: str = "auto"  # one of ATTENTION_IMPLS: auto is splash on TPU, else xla
     moe_impl: str = "auto"  # one of MOE_IMPLS: auto is exact (dropless; gather for a few tokens)
     moe_gmm_impl: str = "auto"  # grouped GEMM of the dropless path, one of GMM_IMPLS
@@ -217,6 +218,11 @@ class DbrxConfig:
         )
         need(self.ffn_act_fn in ACTIVATIONS, "ffn_act_fn", f"one of {ACTIVATIONS}")
         need(self.remat_policy in REMAT_POLICIES, "remat_policy", f"one of {REMAT_POLICIES}")
+        need(
+            isinstance(self.scan_unroll, int) and self.scan_unroll >= 0,
+            "scan_unroll",
+            "an int >= 0 (0: auto)",
+        )
         need(self.attention_impl in ATTENTION_IMPLS, "attention_impl", f"one of {ATTENTION_IMPLS}")
         need(self.moe_impl in MOE_IMPLS, "moe_impl", f"one of {MOE_IMPLS}")
         need(self.moe_gmm_impl in GMM_IMPLS, "moe_gmm_impl", f"one of {GMM_IMPLS}")

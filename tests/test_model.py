@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from dbrx_jax import Dbrx, DbrxConfig, KVCache, load_balancing_loss
+from dbrx_jax.model.dbrx import CPU_UNROLL_LAYERS, layer_unroll_for
 
 TINY = DbrxConfig.preset("dbrx-tiny")
 
@@ -109,33 +110,49 @@ def test_left_padding_with_segment_zero():
     np.testing.assert_allclose(out.logits[:, 3:], model(seq).logits, atol=2e-5)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch", "matmuls"])
-def test_remat_gives_identical_logits_and_gradients(policy, x64):
-    """In float64, so that XLA fusing the rematerialised program differently (which moves float32
+def _logits_and_grads(config, tokens):
+    model = _model(config)
+
+    def loss_fn(model):
+        out = model(tokens)
+        return jnp.mean(jax.nn.log_softmax(out.logits)[..., 0]), out.logits
+
+    (_, logits), grads = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))(model)
+    return logits, nnx.state(grads)
+
+
+def _assert_same_program_results(config, changed, tokens):
+    """In float64, so that XLA fusing the changed program differently (which moves float32
     results by an ulp) cannot hide a real difference."""
-    tokens = _tokens((2, 8))
-    config = TINY.replace(dtype="float64", param_dtype="float64")
-
-    def loss_and_grads(config):
-        model = _model(config)
-
-        def loss_fn(model):
-            out = model(tokens)
-            return jnp.mean(jax.nn.log_softmax(out.logits)[..., 0]), out.logits
-
-        (_, logits), grads = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))(model)
-        return logits, nnx.state(grads)
-
-    logits, grads = loss_and_grads(config)
-    logits_r, grads_r = loss_and_grads(config.replace(remat_policy=policy))
+    logits, grads = _logits_and_grads(config, tokens)
+    logits_r, grads_r = _logits_and_grads(changed, tokens)
     np.testing.assert_allclose(logits_r, logits, rtol=1e-13, atol=1e-13)
     for g, g_r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r), strict=True):
         np.testing.assert_allclose(g_r, g, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch", "matmuls"])
+def test_remat_gives_identical_logits_and_gradients(policy, x64):
+    config = TINY.replace(dtype="float64", param_dtype="float64")
+    _assert_same_program_results(config, config.replace(remat_policy=policy), _tokens((2, 8)))
+
+
+def test_unrolled_layers_equal_the_scan(x64):
+    """`scan_unroll` (auto: every block of a small model on CPU, the scan elsewhere) changes
+    how the layer loop compiles, not what it computes."""
+    assert layer_unroll_for(TINY, "cpu") == TINY.n_layers
+    assert layer_unroll_for(TINY, "gpu") == layer_unroll_for(TINY, "tpu") == 1
+    assert layer_unroll_for(TINY.replace(n_layers=CPU_UNROLL_LAYERS + 1), "cpu") == 1
+    assert layer_unroll_for(TINY.replace(scan_unroll=1), "cpu") == 1
+    config = TINY.replace(dtype="float64", param_dtype="float64", scan_unroll=1)
+    _assert_same_program_results(config, config.replace(scan_unroll=0), _tokens((2, 8)))
+    with pytest.raises(ValueError, match="scan_unroll"):
+        TINY.replace(scan_unroll=-1)
+
+
 def _lowered_text(n_layers: int, *, grad: bool) -> str:
-    config = TINY.replace(n_layers=n_layers, remat_policy="full")
+    config = TINY.replace(n_layers=n_layers, remat_policy="full", scan_unroll=1)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Dbrx(config, rngs=nnx.Rngs(0))))
 
     def loss(state, tokens):
