@@ -44,8 +44,8 @@ def row_alignment(num_rows: int, num_groups: int) -> int:
 
 def head_rows(expected_rows: int, num_groups: int, align: int) -> int:
     """C: the expected rows of a group rounded up to `align`, plus the half block of padding
-    a group has on average; a balanced routing then leaves little for the tail. (A larger head,
-1.15x or 1.3x the expected rows, made the dbrx-small training step slower.)"""
+        a group has on average; a balanced routing then leaves little for the tail. (A larger head,
+    1.15x or 1.3x the expected rows, made the dbrx-small training step slower.)"""
     per_group = -(-expected_rows // num_groups) + align // 2
     return max(align, -(-per_group // align) * align)
 
@@ -129,6 +129,15 @@ def _tail(start, size, head: int, align: int, num_rows: int, multiply, combine, 
     return jax.lax.while_loop(lambda state: state[1] < size, chunk, state)[0]
 
 
+def _over_long_groups(group_sizes_E, head: int, expert, carry):
+    """`carry = expert(e, carry)` for the experts whose groups are longer than the head, in
+    expert order (the others cost nothing: their matrices are not read)."""
+    long_E = group_sizes_E > head
+    order_E = jnp.argsort(~long_E, stable=True)  # the long ones first, in expert order
+    count = jnp.sum(long_E, dtype=jnp.int32)
+    return jax.lax.fori_loop(0, count, lambda i, carry: expert(order_E[i], carry), carry)
+
+
 def _matmul(lhs_PI, rhs_EIO, group_sizes_E, align: int, head: int, transpose_rhs: bool):
     """Head and tail of `lhs @ rhs[e]` (`rhs[e].T` with transpose_rhs: d lhs)."""
     P = lhs_PI.shape[0]
@@ -145,8 +154,8 @@ def _matmul(lhs_PI, rhs_EIO, group_sizes_E, align: int, head: int, transpose_rhs
     big = _chunks(align, P)[-1]
     contract = ((1,), (1,)) if transpose_rhs else ((1,), (0,))
 
-    def expert(tail_PO, xs):
-        w, start, size = xs
+    def expert(e, tail_PO):
+        w = rhs_EIO[e]  # read once, for an expert with a tail
 
         def multiply(c):
             def run(row):
@@ -159,10 +168,10 @@ def _matmul(lhs_PI, rhs_EIO, group_sizes_E, align: int, head: int, transpose_rhs
         def write(tail_PO, y, row):
             return jax.lax.dynamic_update_slice_in_dim(tail_PO, y, row, 0)
 
-        return _tail(start, size, head, align, P, multiply, write, tail_PO), None
+        start, size = plan.starts_E[e], group_sizes_E[e]
+        return _tail(start, size, head, align, P, multiply, write, tail_PO)
 
-    tail_PO = jnp.zeros((P + big, O), lhs_PI.dtype)
-    tail_PO, _ = jax.lax.scan(expert, tail_PO, (rhs_EIO, plan.starts_E, group_sizes_E))
+    tail_PO = _over_long_groups(group_sizes_E, head, expert, jnp.zeros((P + big, O), lhs_PI.dtype))
     return head_PO + tail_PO[:P]
 
 
@@ -173,8 +182,7 @@ def _transposed(lhs_PI, g_PO, group_sizes_E, align: int, head: int):
     head_EIO = jnp.einsum(
         "ECI,ECO->EIO", plan.gather(lhs_PI), plan.gather(g_PO), preferred_element_type=acc
     )
-    P, I = lhs_PI.shape
-    O = g_PO.shape[1]
+    P = lhs_PI.shape[0]
 
     def multiply(c):
         def run(row):
@@ -186,13 +194,13 @@ def _transposed(lhs_PI, g_PO, group_sizes_E, align: int, head: int):
 
         return run
 
-    def expert(_, xs):
-        start, size = xs
+    def expert(e, d_EIO):
+        start, size = plan.starts_E[e], group_sizes_E[e]
         add = lambda d_IO, update_IO, row: d_IO + update_IO  # noqa: E731
-        return None, _tail(start, size, head, align, P, multiply, add, jnp.zeros((I, O), acc))
+        d_IO = _tail(start, size, head, align, P, multiply, add, d_EIO[e])
+        return jax.lax.dynamic_update_index_in_dim(d_EIO, d_IO, e, 0)
 
-    _, tail_EIO = jax.lax.scan(expert, None, (plan.starts_E, group_sizes_E))
-    return head_EIO + tail_EIO
+    return _over_long_groups(group_sizes_E, head, expert, head_EIO)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
