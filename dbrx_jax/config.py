@@ -144,7 +144,7 @@ class DbrxConfig:
     dtype: str = "float32"  # activations and matmul inputs (any spelling; stored by name)
     param_dtype: str = "float32"  # stored parameters (the master copy when training)
     remat_policy: str = "none"  # one of REMAT_POLICIES, applied to each scanned block
-    scan_unroll: int = 0  # blocks per iteration of the layer scan; 0: auto (layer_unroll_for)
+    scan_unroll: int = 0  # blocks per layer-scan iteration; 0: auto (model/dbrx.layer_unroll_for)
     attention_impl: str = "auto"  # one of ATTENTION_IMPLS: auto is splash on TPU, else xla
     moe_impl: str = "auto"  # one of MOE_IMPLS: auto is exact (dropless; gather for a few tokens)
     moe_gmm_impl: str = "auto"  # grouped GEMM of the dropless path, one of GMM_IMPLS

@@ -71,6 +71,7 @@ def loss_fn(
         segment_ids_BT=batch["segment_ids"],
         positions_BT=batch["positions"],
         jitter_key=jitter_key,
+        training=True,
     )
     with jax.named_scope("lm_head"):
         ce_BT = optax.softmax_cross_entropy_with_integer_labels(

@@ -139,14 +139,16 @@ def test_remat_gives_identical_logits_and_gradients(policy, x64):
 
 
 def test_unrolled_layers_equal_the_scan(x64):
-    """`scan_unroll` (auto: every block of a small model on CPU, the scan elsewhere) changes
-    how the layer loop compiles, not what it computes."""
-    assert layer_unroll_for(TINY, "cpu") == TINY.n_layers
-    assert layer_unroll_for(TINY, "gpu") == layer_unroll_for(TINY, "tpu") == 1
-    assert layer_unroll_for(TINY.replace(n_layers=CPU_UNROLL_LAYERS + 1), "cpu") == 1
-    assert layer_unroll_for(TINY.replace(scan_unroll=1), "cpu") == 1
+    """`scan_unroll` (auto: every block of a small model in a training step on CPU, the scan
+    elsewhere) changes how the layer loop compiles, not what it computes."""
+    assert layer_unroll_for(TINY, "cpu", training=True) == TINY.n_layers
+    assert layer_unroll_for(TINY, "cpu", training=False) == 1
+    assert layer_unroll_for(TINY, "gpu", training=True) == 1
+    deep = TINY.replace(n_layers=CPU_UNROLL_LAYERS + 1)
+    assert layer_unroll_for(deep, "cpu", training=True) == 1
+    assert layer_unroll_for(TINY.replace(scan_unroll=1), "cpu", training=True) == 1
     config = TINY.replace(dtype="float64", param_dtype="float64", scan_unroll=1)
-    _assert_same_program_results(config, config.replace(scan_unroll=0), _tokens((2, 8)))
+    _assert_same_program_results(config, config.replace(scan_unroll=2), _tokens((2, 8)))
     with pytest.raises(ValueError, match="scan_unroll"):
         TINY.replace(scan_unroll=-1)
 
