@@ -16,7 +16,7 @@ import dbrx_jax
 from benchmarks import hf_reference
 from dbrx_jax import DbrxConfig, sharding
 from dbrx_jax.io import convert
-from dbrx_jax.io.safetensors import SafetensorsCheckpoint
+from dbrx_jax.io.safetensors import SafetensorsCheckpoint, SafetensorsWriter
 from tests import helpers
 
 CONFIG = DbrxConfig.preset("dbrx-tiny", vocab_size=128, n_layers=2)
@@ -214,3 +214,79 @@ def test_command_line(hf_dir, tmp_path):
         (tmp_path / "ours" / "params" / "blocks.ffn.w1.value" / ".zarray").read_text()
     )["chunks"]
     assert chunks == [1, 4, 64, 96]  # one layer, the 4 experts one device of expert=4 holds
+
+
+# The fast paths against the plain ones: numpy layouts in tiles, chunk files written and read
+# directly, safetensors rows written in place out of order.
+
+
+def _random_bits(shape, dtype, seed=0):
+    bits = np.random.default_rng(seed).integers(0, 2**16, shape, dtype=np.uint16)
+    return bits.view(dtype)  # every bf16 bit pattern, NaN payloads included
+
+
+@pytest.mark.parametrize("shape", [(300, 700), (1, 513, 257), (256, 256)])
+def test_tiled_copy_is_numpys_copy(shape):
+    source = _random_bits(shape, jnp.bfloat16)
+    view = source.T if source.ndim == 2 else source.transpose(0, 2, 1)
+    out = np.empty(view.shape, view.dtype)
+    convert._copy_tiled(out, view)
+    np.testing.assert_array_equal(out.view(np.uint16), np.ascontiguousarray(view).view(np.uint16))
+
+
+def test_every_layout_is_bitwise_the_plain_one():
+    """convert._layout (numpy views, tiled copies into reused buffers) against the layouts done
+    the simple way, both directions, for every tensor's piece."""
+    for row in convert.TENSOR_MAPS:
+        for rows, piece_config, _ in convert.pieces(row, CONFIG)[:2]:
+            hf = _random_bits(row.hf_shape(CONFIG), jnp.bfloat16)[rows]
+            ours = convert._layout(row.to_ours, hf, piece_config)
+            expected = np.ascontiguousarray(row.to_ours(hf.view(np.uint16), piece_config))
+            np.testing.assert_array_equal(ours.view(np.uint16), expected, err_msg=row.hf_name)
+            back = convert._layout(row.to_hf, np.ascontiguousarray(ours), piece_config)
+            np.testing.assert_array_equal(back.view(np.uint16), hf.view(np.uint16))
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [(1, 1, 6, 10), (1, 1, 2, 10), (1, 1, 6, 5), (1, 1, 3, 5), (1, 2, 6, 10), (1, 1, 4, 10)],
+)
+def test_chunk_files_are_what_tensorstore_writes_and_reads(tmp_path, chunks):
+    """Pieces of one (layer, expert) written as chunk files (one chunk, several along rows or
+    columns) or through tensorstore (chunks not inside one piece, or not dividing it) give the
+    same files, and read back the same."""
+    shape, dtype = (2, 2, 6, 10), np.dtype(jnp.bfloat16)
+    value = _random_bits(shape, dtype, seed=1)
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir(), theirs.mkdir()
+    array = convert._ZarrArray.create(str(ours), shape, chunks, dtype)
+    reference = convert._ZarrArray.create(str(theirs), shape, chunks, dtype).store
+    for index in np.ndindex(shape[:2]):
+        array.write(index, value[index])
+        reference[index].write(value[index]).result()
+    assert sorted(os.listdir(ours)) == sorted(os.listdir(theirs))
+    for name in os.listdir(theirs):
+        assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name
+    for index in np.ndindex(shape[:2]):
+        got = array.read(index, "test")
+        np.testing.assert_array_equal(got.view(np.uint16), value[index].view(np.uint16))
+
+
+def test_rows_written_in_place_make_the_same_file(tmp_path):
+    tensors = {"a": _random_bits((6, 4), jnp.bfloat16), "b": _random_bits((3,), jnp.bfloat16, 2)}
+    plan = [(name, value.dtype, value.shape) for name, value in tensors.items()]
+    in_order = SafetensorsWriter(str(tmp_path / "in_order.safetensors"), plan)
+    for name, value in tensors.items():
+        in_order.write(name, value)
+    in_order.close()
+    in_place = SafetensorsWriter(str(tmp_path / "in_place.safetensors"), plan)
+    for name, start, stop in [("b", 0, 3), ("a", 4, 6), ("a", 0, 4)]:
+        in_place.write_rows(name, start, tensors[name][start:stop])
+    in_place.close()
+    assert (tmp_path / "in_place.safetensors").read_bytes() == (
+        tmp_path / "in_order.safetensors"
+    ).read_bytes()
+    short = SafetensorsWriter(str(tmp_path / "short.safetensors"), plan)
+    short.write_rows("a", 0, tensors["a"][:2])
+    with pytest.raises(ValueError, match="short.safetensors: 2 tensors not fully written"):
+        short.close()

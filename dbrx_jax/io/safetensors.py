@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from collections.abc import Iterator
 
 import ml_dtypes
@@ -112,15 +113,43 @@ class SafetensorsFile:
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of a tensor, read with a plain file read (not the memory map, whose
         touched pages would count toward this process' resident memory)."""
+        dtype, shape, _, _ = self._entries[name]
+        return self.read_rows_into(name, start, np.empty((stop - start, *shape[1:]), dtype))
+
+    def read_rows_into(self, name: str, start: int, out: np.ndarray) -> np.ndarray:
+        """Rows [start, start + len(out)) of a tensor into the C-contiguous `out` (of the tensor's
+        dtype), read straight into it: a reused `out` costs no allocation and no extra copy."""
         dtype, shape, begin, _ = self._entries[name]
-        row_elems = int(np.prod(shape[1:]))
-        offset = self._data_start + begin + start * row_elems * dtype.itemsize
-        with open(self.path, "rb") as f:
+        if out.dtype != dtype or out.shape[1:] != shape[1:] or not out.flags.c_contiguous:
+            raise ValueError(
+                f"{self.path}: tensor {name!r} is {dtype}{list(shape)}; cannot read its rows "
+                f"into a {'' if out.flags.c_contiguous else 'non-contiguous '}"
+                f"{out.dtype}{list(out.shape)} array"
+            )
+        row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
+        offset = self._data_start + begin + start * row_bytes
+        if start + len(out) > shape[0]:
+            raise ValueError(
+                f"{self.path}: tensor {name!r} has no rows {start}..{start + len(out)}"
+            )
+        with open(self.path, "rb", buffering=0) as f:
             f.seek(offset)
-            out = np.fromfile(f, dtype=dtype, count=(stop - start) * row_elems)
-        if out.size != (stop - start) * row_elems:
-            raise ValueError(f"{self.path}: truncated while reading tensor {name!r}")
-        return out.reshape(stop - start, *shape[1:])
+            if read_into(f, out) != out.nbytes:
+                raise ValueError(f"{self.path}: truncated while reading tensor {name!r}")
+        return out
+
+
+def read_into(f, out: np.ndarray) -> int:
+    """Fills the C-contiguous `out` from the unbuffered file `f`'s position; the bytes read (fewer
+    only at the end of the file)."""
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            break
+        done += n
+    return done
 
 
 class SafetensorsCheckpoint:
@@ -205,9 +234,10 @@ class SafetensorsCheckpoint:
 
 
 class SafetensorsWriter:
-    """Writes one `.safetensors` file front to back: the header (every tensor's name, dtype and
-    shape, known in advance) first, then each tensor's bytes, possibly in row pieces, in the
-    header's order. Nothing is held in memory beyond the piece being written."""
+    """Writes one `.safetensors` file: the header (every tensor's name, dtype and shape, known in
+    advance) first, then each tensor's bytes, possibly in row pieces: front to back in the
+    header's order with `write`, or in place from any thread in any order with `write_rows`.
+    Nothing is held in memory beyond the piece being written."""
 
     def __init__(
         self,
@@ -220,6 +250,7 @@ class SafetensorsWriter:
         header: dict = {"__metadata__": metadata or {"format": "pt"}}
         offset = 0
         self._plan = []
+        self._places: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
         for name, dtype, shape in tensors:
             nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
             header[name] = {
@@ -228,13 +259,18 @@ class SafetensorsWriter:
                 "data_offsets": [offset, offset + nbytes],
             }
             self._plan.append((name, np.dtype(dtype), nbytes))
+            self._places[name] = (np.dtype(dtype), tuple(shape), offset)
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        self._data_start = 8 + len(raw)
         self._file = open(path, "wb")
         self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._file.flush()  # write_rows writes around the buffered file object
         self._next = 0
         self._written = 0
+        self._lock = threading.Lock()
+        self._rows_written: dict[str, int] = {}  # write_rows: rows written per tensor
 
     def write(self, name: str, piece: np.ndarray) -> None:
         expected, dtype, nbytes = self._plan[self._next]
@@ -249,7 +285,48 @@ class SafetensorsWriter:
         if self._written == nbytes:
             self._next, self._written = self._next + 1, 0
 
+    def write_rows(self, name: str, start: int, piece: np.ndarray) -> None:
+        """Rows [start, start + len(piece)) of tensor `name` (the header's dtype, C-contiguous),
+        written at their place in the file. Safe from several threads; not mixed with `write`."""
+        if name not in self._places:
+            raise ValueError(f"{self.path}: no tensor {name!r} in this file's header")
+        dtype, shape, offset = self._places[name]
+        if piece.dtype != dtype or piece.shape[1:] != shape[1:] or not piece.flags.c_contiguous:
+            raise ValueError(
+                f"{self.path}: tensor {name!r} is {dtype}{list(shape)}; got rows of a "
+                f"{'' if piece.flags.c_contiguous else 'non-contiguous '}"
+                f"{piece.dtype}{list(piece.shape)} array"
+            )
+        if start < 0 or start + len(piece) > shape[0]:
+            raise ValueError(
+                f"{self.path}: tensor {name!r} has no rows {start}..{start + len(piece)}"
+            )
+        with self._lock:
+            self._rows_written[name] = self._rows_written.get(name, 0) + len(piece)
+            if self._rows_written[name] > shape[0]:
+                raise ValueError(f"{self.path}: too many rows written for {name}")
+        row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
+        view = memoryview(piece.reshape(-1).view(np.uint8))
+        position = self._data_start + offset + start * row_bytes
+        while len(view):
+            n = os.pwrite(self._file.fileno(), view, position)
+            view, position = view[n:], position + n
+
     def close(self) -> None:
-        if self._next != len(self._plan):
+        if self._rows_written:
+            short = [
+                n
+                for n, (_, shape, _) in self._places.items()
+                if self._rows_written.get(n, 0) != (shape[0] if shape else 1)
+            ]
+            if short:
+                raise ValueError(
+                    f"{self.path}: {len(short)} tensors not fully written ({short[0]}, ...)"
+                )
+        elif self._next != len(self._plan):
             raise ValueError(f"{self.path}: {len(self._plan) - self._next} tensors not written")
+        self._file.close()
+
+    def discard(self) -> None:
+        """Closes the file, complete or not (a failed write's output is about to be removed)."""
         self._file.close()
