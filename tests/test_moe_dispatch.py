@@ -166,11 +166,12 @@ def test_kernel_gmm_vjp_with_reference_kernels():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_blocked_head_and_tail_equal_the_reference(dtype):
     """The CPU grouped GEMM against `_dense_gmm`, values and both gradients, with groups that
-    are empty, shorter than the head (C = 32), exactly the head, and longer by tails that take
-    one, several and the largest chunk (512 rows) more than once; rows past the groups are
+    are empty, shorter than the head (C = 32), exactly the head, and longer by tails of small
+    chunks (the last one reaching past the group) and of big ones; rows past the groups are
     zero both ways."""
     align, head = 16, 32
-    sizes = [48, 0, 16, 32, 32 + 16 + 32 + 64, 32 + 2 * blocked.MAX_CHUNK + 16, 0, 64]
+    small, big = blocked.SMALL_CHUNK, blocked.BIG_CHUNK
+    sizes = [48, 0, 16, 32, 32 + 2 * small + 16, 32 + 2 * big + 16, 0, 64]
     rows = sum(sizes) + 3 * align
     lhs, rhs, group_sizes, cotangent = _kernel_problem(rows, 24, 40, sizes, dtype)
     lhs = jnp.where(jnp.arange(rows)[:, None] < sum(sizes), lhs, 0)  # padding rows are zeros

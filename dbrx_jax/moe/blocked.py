@@ -11,9 +11,9 @@ weight in place: a loop over blocks of rows copies its expert's whole matrix for
   head  the first C rows of every group (C = `head_rows`: about the rows an expert is expected
         to get) are gathered into an `[E, C, I]` block and multiplied by one batched GEMM. A
         group shorter than C reads zero rows.
-  tail  the rows of groups longer than C, by a loop over the experts that reads each expert's
-        matrix once and multiplies its tail rows in chunks of `align * 2^j` rows (at most
-        MAX_CHUNK), the largest chunk that fits, so no chunk reaches past its group.
+  tail  the rows of groups longer than C, by a loop over those experts that reads each one's
+        matrix once and multiplies its tail rows in chunks of BIG_CHUNK rows while they fill
+        one, then of SMALL_CHUNK rows, the last one masked past the group's end.
 
 The backward is hand-written: d lhs is the same head and tail against the transposed matrices
 (dot dimension numbers, no transposed copy), d rhs the head's batched `lhs^T g` plus each
@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 
 ALIGN_ROWS = 16  # the largest alignment asked of the layout: little padding per group
-MAX_CHUNK = 512  # the tail's largest GEMM: beyond this XLA:CPU's GEMM gains little
+BIG_CHUNK = 256  # tail GEMMs while rows fill them (512 or 128 made no difference)
+SMALL_CHUNK = 32  # then these, the last one masked: most tails are short
 
 
 def row_alignment(num_rows: int, num_groups: int) -> int:
@@ -57,26 +58,11 @@ def grouped_matmul(lhs_PI, rhs_EIO, group_sizes_E, *, align: int, head: int):
             f"blocked grouped GEMM: {lhs_PI.shape[0]} rows are not a multiple of the "
             f"alignment {align}"
         )
-    return _gmm(lhs_PI, rhs_EIO, group_sizes_E.astype(jnp.int32), align, head)
+    return _gmm(lhs_PI, rhs_EIO, group_sizes_E.astype(jnp.int32), head)
 
 
 def _accumulator(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)  # fp32, or float64 for float64 inputs
-
-
-def _chunks(align: int, num_rows: int) -> list[int]:
-    """The tail's chunk sizes: align, 2 align, ... up to MAX_CHUNK and the rows there are."""
-    sizes = [align]
-    while sizes[-1] * 2 <= min(MAX_CHUNK, num_rows):
-        sizes.append(sizes[-1] * 2)
-    return sizes
-
-
-def _largest_chunk(remaining, align: int, count: int):
-    """The index of the largest chunk `align * 2^j <= remaining` (remaining a multiple of
-    align, and positive)."""
-    blocks = (remaining // align).astype(jnp.int32)
-    return jnp.minimum(31 - jax.lax.clz(blocks), count - 1)
 
 
 class _Head:
@@ -112,21 +98,26 @@ def _with_zero_row(x):
     return jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])
 
 
-def _tail(start, size, head: int, align: int, num_rows: int, multiply, combine, carry):
-    """One expert's tail: from row `start + head` to `start + size`, chunk by chunk (the
-    largest that fits), `carry = combine(carry, multiply(c)(row), row)`."""
-    chunks = _chunks(align, num_rows)
-    branches = [multiply(c) for c in chunks]
+def _tail(start, size, head: int, num_rows: int, multiply, carry):
+    """One expert's tail, rows `start + head` to `start + size`: `carry = multiply(c, row,
+    valid, carry)` over chunks of c rows from `row`, BIG_CHUNK ones while they fit, then
+    SMALL_CHUNK ones; `valid` ([c] bool) marks the rows in the group (the last small chunk may
+    reach past it; never past `num_rows + SMALL_CHUNK`)."""
+    end = start + size
+    big = min(BIG_CHUNK, num_rows)
 
-    def chunk(state):
-        carry, offset = state
-        j = _largest_chunk(size - offset, align, len(chunks))
-        row = start + offset
-        carry = combine(carry, jax.lax.switch(j, branches, row), row)
-        return carry, offset + (align << j)
+    def chunks(c, more):
+        def step(state):
+            row, carry = state
+            valid = row + jnp.arange(c) < end
+            return row + c, multiply(c, row, valid, carry)
 
-    state = (carry, jnp.int32(head))
-    return jax.lax.while_loop(lambda state: state[1] < size, chunk, state)[0]
+        return lambda state: jax.lax.while_loop(lambda s: more(s[0]), step, state)
+
+    state = (start + head, carry)
+    state = chunks(big, lambda row: row + big <= end)(state)
+    state = chunks(SMALL_CHUNK, lambda row: row < end)(state)
+    return state[1]
 
 
 def _over_long_groups(group_sizes_E, head: int, expert, carry):
@@ -138,7 +129,7 @@ def _over_long_groups(group_sizes_E, head: int, expert, carry):
     return jax.lax.fori_loop(0, count, lambda i, carry: expert(order_E[i], carry), carry)
 
 
-def _matmul(lhs_PI, rhs_EIO, group_sizes_E, align: int, head: int, transpose_rhs: bool):
+def _matmul(lhs_PI, rhs_EIO, group_sizes_E, head: int, transpose_rhs: bool):
     """Head and tail of `lhs @ rhs[e]` (`rhs[e].T` with transpose_rhs: d lhs)."""
     P = lhs_PI.shape[0]
     O = rhs_EIO.shape[1] if transpose_rhs else rhs_EIO.shape[2]
@@ -148,34 +139,31 @@ def _matmul(lhs_PI, rhs_EIO, group_sizes_E, align: int, head: int, transpose_rhs
     y_ECO = jnp.einsum(spec, plan.gather(lhs_PI), rhs_EIO, preferred_element_type=acc)
     head_PO = plan.scatter(y_ECO.astype(lhs_PI.dtype))
 
-    # The tail writes each chunk padded to the largest chunk, in row order: the padding lands
-    # on rows that a later chunk writes, or on head rows and rows past the groups, which are
-    # zeros here (the head is added after the loop).
-    big = _chunks(align, P)[-1]
+    # The tail's last chunk may reach past its group: those rows are written as zeros, onto
+    # rows that a later chunk writes, or head rows and rows past the groups, which are zeros
+    # here (the head is added after the loop).
     contract = ((1,), (1,)) if transpose_rhs else ((1,), (0,))
 
     def expert(e, tail_PO):
         w = rhs_EIO[e]  # read once, for an expert with a tail
 
-        def multiply(c):
-            def run(row):
-                rows = jax.lax.dynamic_slice_in_dim(lhs_PI, row, c)  # inside the group
-                y = jax.lax.dot_general(rows, w, (contract, ((), ())), preferred_element_type=acc)
-                return jnp.pad(y.astype(lhs_PI.dtype), ((0, big - c), (0, 0)))
-
-            return run
-
-        def write(tail_PO, y, row):
+        def multiply(c, row, valid, tail_PO):
+            rows = jax.lax.dynamic_slice_in_dim(lhs_pad, row, c)
+            y = jax.lax.dot_general(rows, w, (contract, ((), ())), preferred_element_type=acc)
+            y = jnp.where(valid[:, None], y, 0).astype(lhs_PI.dtype)
             return jax.lax.dynamic_update_slice_in_dim(tail_PO, y, row, 0)
 
         start, size = plan.starts_E[e], group_sizes_E[e]
-        return _tail(start, size, head, align, P, multiply, write, tail_PO)
+        return _tail(start, size, head, P, multiply, tail_PO)
 
-    tail_PO = _over_long_groups(group_sizes_E, head, expert, jnp.zeros((P + big, O), lhs_PI.dtype))
+    # SMALL_CHUNK rows past the end: the last chunk is never clamped back onto earlier rows.
+    lhs_pad = jnp.pad(lhs_PI, ((0, SMALL_CHUNK), (0, 0)))
+    tail_PO = jnp.zeros((P + SMALL_CHUNK, O), lhs_PI.dtype)
+    tail_PO = _over_long_groups(group_sizes_E, head, expert, tail_PO)
     return head_PO + tail_PO[:P]
 
 
-def _transposed(lhs_PI, g_PO, group_sizes_E, align: int, head: int):
+def _transposed(lhs_PI, g_PO, group_sizes_E, head: int):
     """`[E, I, O]`: per expert, `lhs_rows^T g_rows` over its group (d rhs)."""
     acc = _accumulator(lhs_PI.dtype)
     plan = _Head(group_sizes_E, lhs_PI.shape[0], head)
@@ -183,41 +171,40 @@ def _transposed(lhs_PI, g_PO, group_sizes_E, align: int, head: int):
         "ECI,ECO->EIO", plan.gather(lhs_PI), plan.gather(g_PO), preferred_element_type=acc
     )
     P = lhs_PI.shape[0]
+    # SMALL_CHUNK rows past the end: the last chunk is never clamped back onto earlier rows.
+    lhs_pad = jnp.pad(lhs_PI, ((0, SMALL_CHUNK), (0, 0)))
+    g_pad = jnp.pad(g_PO, ((0, SMALL_CHUNK), (0, 0)))
 
-    def multiply(c):
-        def run(row):
-            rows = jax.lax.dynamic_slice_in_dim(lhs_PI, row, c)  # inside the group
-            g_rows = jax.lax.dynamic_slice_in_dim(g_PO, row, c)
-            return jax.lax.dot_general(
-                rows, g_rows, (((0,), (0,)), ((), ())), preferred_element_type=acc
-            )
-
-        return run
+    def multiply(c, row, valid, d_IO):
+        rows = jnp.where(valid[:, None], jax.lax.dynamic_slice_in_dim(lhs_pad, row, c), 0)
+        g_rows = jax.lax.dynamic_slice_in_dim(g_pad, row, c)
+        return d_IO + jax.lax.dot_general(
+            rows, g_rows, (((0,), (0,)), ((), ())), preferred_element_type=acc
+        )
 
     def expert(e, d_EIO):
         start, size = plan.starts_E[e], group_sizes_E[e]
-        add = lambda d_IO, update_IO, row: d_IO + update_IO  # noqa: E731
-        d_IO = _tail(start, size, head, align, P, multiply, add, d_EIO[e])
+        d_IO = _tail(start, size, head, P, multiply, d_EIO[e])
         return jax.lax.dynamic_update_index_in_dim(d_EIO, d_IO, e, 0)
 
     return _over_long_groups(group_sizes_E, head, expert, head_EIO)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _gmm(lhs_PI, rhs_EIO, group_sizes_E, align, head):
-    return _matmul(lhs_PI, rhs_EIO, group_sizes_E, align, head, transpose_rhs=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gmm(lhs_PI, rhs_EIO, group_sizes_E, head):
+    return _matmul(lhs_PI, rhs_EIO, group_sizes_E, head, transpose_rhs=False)
 
 
-def _gmm_fwd(lhs_PI, rhs_EIO, group_sizes_E, align, head):
-    out = _gmm(lhs_PI, rhs_EIO, group_sizes_E, align, head)
+def _gmm_fwd(lhs_PI, rhs_EIO, group_sizes_E, head):
+    out = _gmm(lhs_PI, rhs_EIO, group_sizes_E, head)
     return out, (lhs_PI, rhs_EIO, group_sizes_E)
 
 
-def _gmm_bwd(align, head, residuals, g_PO):
+def _gmm_bwd(head, residuals, g_PO):
     lhs_PI, rhs_EIO, group_sizes_E = residuals
     g_PO = g_PO.astype(lhs_PI.dtype)
-    d_lhs = _matmul(g_PO, rhs_EIO, group_sizes_E, align, head, transpose_rhs=True)
-    d_rhs = _transposed(lhs_PI, g_PO, group_sizes_E, align, head)
+    d_lhs = _matmul(g_PO, rhs_EIO, group_sizes_E, head, transpose_rhs=True)
+    d_rhs = _transposed(lhs_PI, g_PO, group_sizes_E, head)
     return d_lhs, d_rhs.astype(rhs_EIO.dtype), None
 
 
