@@ -163,16 +163,18 @@ def test_kernel_gmm_vjp_with_reference_kernels():
         np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_blocked_head_and_tail_equal_the_reference(dtype):
+@pytest.mark.parametrize(
+    ("dtype", "spare"), [(jnp.float32, 48), (jnp.bfloat16, 48), (jnp.float32, 0)]
+)
+def test_blocked_head_and_tail_equal_the_reference(dtype, spare):
     """The CPU grouped GEMM against `_dense_gmm`, values and both gradients, with groups that
     are empty, shorter than the head (C = 32), exactly the head, and longer by tails of small
-    chunks (the last one reaching past the group) and of big ones; rows past the groups are
-    zero both ways."""
+    chunks (the last one reaching past the group, or with no `spare` rows, starting early
+    over rows done before) and of big ones; rows past the groups are zero both ways."""
     align, head = 16, 32
     small, big = blocked.SMALL_CHUNK, blocked.BIG_CHUNK
-    sizes = [48, 0, 16, 32, 32 + 2 * small + 16, 32 + 2 * big + 16, 0, 64]
-    rows = sum(sizes) + 3 * align
+    sizes = [48, 0, 16, 32, 32 + 2 * small + 16, 32 + 2 * big + 16, 0, 32 + small + 16]
+    rows = sum(sizes) + spare
     lhs, rhs, group_sizes, cotangent = _kernel_problem(rows, 24, 40, sizes, dtype)
     lhs = jnp.where(jnp.arange(rows)[:, None] < sum(sizes), lhs, 0)  # padding rows are zeros
 

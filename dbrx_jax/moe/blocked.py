@@ -99,24 +99,27 @@ def _with_zero_row(x):
 
 
 def _tail(start, size, head: int, num_rows: int, multiply, carry):
-    """One expert's tail, rows `start + head` to `start + size`: `carry = multiply(c, row,
-    valid, carry)` over chunks of c rows from `row`, BIG_CHUNK ones while they fit, then
-    SMALL_CHUNK ones; `valid` ([c] bool) marks the rows in the group (the last small chunk may
-    reach past it; never past `num_rows + SMALL_CHUNK`)."""
+    """One expert's tail, rows `start + head` to `start + size`: `carry = multiply(c, at,
+    valid, carry)` over chunks of the c rows from `at`, BIG_CHUNK ones while they fit, then
+    SMALL_CHUNK ones. `valid` ([c] bool) marks the chunk's rows that are new rows of the group:
+    the last small chunk may reach past the group's end, and past the last row it starts
+    earlier (`at` before the next row), over rows already done."""
     end = start + size
-    big = min(BIG_CHUNK, num_rows)
+    big, small = min(BIG_CHUNK, num_rows), min(SMALL_CHUNK, num_rows)
 
     def chunks(c, more):
         def step(state):
             row, carry = state
-            valid = row + jnp.arange(c) < end
-            return row + c, multiply(c, row, valid, carry)
+            at = jnp.minimum(row, num_rows - c)
+            rows_c = at + jnp.arange(c)
+            valid = (rows_c >= row) & (rows_c < end)
+            return row + c, multiply(c, at, valid, carry)
 
         return lambda state: jax.lax.while_loop(lambda s: more(s[0]), step, state)
 
     state = (start + head, carry)
     state = chunks(big, lambda row: row + big <= end)(state)
-    state = chunks(SMALL_CHUNK, lambda row: row < end)(state)
+    state = chunks(small, lambda row: row < end)(state)
     return state[1]
 
 
@@ -139,28 +142,25 @@ def _matmul(lhs_PI, rhs_EIO, group_sizes_E, head: int, transpose_rhs: bool):
     y_ECO = jnp.einsum(spec, plan.gather(lhs_PI), rhs_EIO, preferred_element_type=acc)
     head_PO = plan.scatter(y_ECO.astype(lhs_PI.dtype))
 
-    # The tail's last chunk may reach past its group: those rows are written as zeros, onto
-    # rows that a later chunk writes, or head rows and rows past the groups, which are zeros
-    # here (the head is added after the loop).
+    # Rows of a chunk outside its group keep what they hold (zeros, or rows done before): the
+    # head is added after the loop.
     contract = ((1,), (1,)) if transpose_rhs else ((1,), (0,))
 
     def expert(e, tail_PO):
         w = rhs_EIO[e]  # read once, for an expert with a tail
 
-        def multiply(c, row, valid, tail_PO):
-            rows = jax.lax.dynamic_slice_in_dim(lhs_pad, row, c)
+        def multiply(c, at, valid, tail_PO):
+            rows = jax.lax.dynamic_slice_in_dim(lhs_PI, at, c)
             y = jax.lax.dot_general(rows, w, (contract, ((), ())), preferred_element_type=acc)
-            y = jnp.where(valid[:, None], y, 0).astype(lhs_PI.dtype)
-            return jax.lax.dynamic_update_slice_in_dim(tail_PO, y, row, 0)
+            kept = jax.lax.dynamic_slice_in_dim(tail_PO, at, c)
+            y = jnp.where(valid[:, None], y.astype(lhs_PI.dtype), kept)
+            return jax.lax.dynamic_update_slice_in_dim(tail_PO, y, at, 0)
 
         start, size = plan.starts_E[e], group_sizes_E[e]
         return _tail(start, size, head, P, multiply, tail_PO)
 
-    # SMALL_CHUNK rows past the end: the last chunk is never clamped back onto earlier rows.
-    lhs_pad = jnp.pad(lhs_PI, ((0, SMALL_CHUNK), (0, 0)))
-    tail_PO = jnp.zeros((P + SMALL_CHUNK, O), lhs_PI.dtype)
-    tail_PO = _over_long_groups(group_sizes_E, head, expert, tail_PO)
-    return head_PO + tail_PO[:P]
+    tail_PO = _over_long_groups(group_sizes_E, head, expert, jnp.zeros((P, O), lhs_PI.dtype))
+    return head_PO + tail_PO
 
 
 def _transposed(lhs_PI, g_PO, group_sizes_E, head: int):
@@ -171,13 +171,10 @@ def _transposed(lhs_PI, g_PO, group_sizes_E, head: int):
         "ECI,ECO->EIO", plan.gather(lhs_PI), plan.gather(g_PO), preferred_element_type=acc
     )
     P = lhs_PI.shape[0]
-    # SMALL_CHUNK rows past the end: the last chunk is never clamped back onto earlier rows.
-    lhs_pad = jnp.pad(lhs_PI, ((0, SMALL_CHUNK), (0, 0)))
-    g_pad = jnp.pad(g_PO, ((0, SMALL_CHUNK), (0, 0)))
 
-    def multiply(c, row, valid, d_IO):
-        rows = jnp.where(valid[:, None], jax.lax.dynamic_slice_in_dim(lhs_pad, row, c), 0)
-        g_rows = jax.lax.dynamic_slice_in_dim(g_pad, row, c)
+    def multiply(c, at, valid, d_IO):
+        rows = jnp.where(valid[:, None], jax.lax.dynamic_slice_in_dim(lhs_PI, at, c), 0)
+        g_rows = jax.lax.dynamic_slice_in_dim(g_PO, at, c)
         return d_IO + jax.lax.dot_general(
             rows, g_rows, (((0,), (0,)), ((), ())), preferred_element_type=acc
         )
