@@ -50,6 +50,14 @@ def test_one_device_plan_on_cpu():
     assert plan_moe(TINY) is plan  # resolved once per (config, mesh)
 
 
+def test_a_one_device_mesh_runs_the_moe_as_without_a_mesh():
+    """No shard_map (its collectives would run as copies): the single-device plan, decode
+    steps gathering their experts included."""
+    plan = plan_moe(TINY, sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]))
+    assert plan.exchange is None and not plan.expert_parallel and plan.mesh is not None
+    assert plan.dispatch_for(GATHER_MAX_ASSIGNMENTS) == "gather"
+
+
 def test_the_platform_is_the_mesh_devices_not_the_hosts():
     """A mesh of TPU devices built on this CPU host gets the TPU grouped GEMM, not the CPU loop."""
     tpu = plan_moe(TINY, _DevicesMesh("tpu"))
