@@ -9,6 +9,7 @@ import pytest
 from benchmarks import synthetic
 from dbrx_jax.moe import blocked, gmm
 from dbrx_jax.moe.dispatch import (
+    PRODUCTS_MAX,
     capacity_per_expert,
     collect_rows,
     dispatch_rows,
@@ -72,6 +73,19 @@ def test_equals_dense_values_and_gradients(name, k, routing):
     y_ref, _, grads_ref = _value_and_grads("dense", ids, args, cotangent)
     y, dropped, grads = _value_and_grads(name, ids, args, cotangent)
     assert not dropped.any()
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    for which, g, g_ref in zip(["x", "weights", "w1", "v1", "w2"], grads, grads_ref, strict=True):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5, err_msg=which)
+
+
+@pytest.mark.parametrize("T", [4, 8], ids=["one product each", "gathered matrices"])
+def test_gather_equals_dense_values_and_gradients(T):
+    """The decode path: up to PRODUCTS_MAX assignments one product each, more by gathering."""
+    ids, args = _problem(T, 4, "skewed")
+    assert (ids.size <= PRODUCTS_MAX) == (T == 4)
+    cotangent = jnp.asarray(np.random.RandomState(9).randn(T, D), jnp.float32)
+    y_ref, _, grads_ref = _value_and_grads("dense", ids, args, cotangent)
+    y, _, grads = _value_and_grads("gather", ids, args, cotangent)
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
     for which, g, g_ref in zip(["x", "weights", "w1", "v1", "w2"], grads, grads_ref, strict=True):
         np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5, err_msg=which)

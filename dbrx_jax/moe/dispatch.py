@@ -113,13 +113,28 @@ def _dense(x_MD, expert_ids_MA, w1_EDF, v1_EDF, w2_EFD, act):
     return jnp.take_along_axis(y_MED, expert_ids_MA[:, :, None], axis=1)
 
 
+# `_gather` up to this many assignments: one vector-matrix product each (unrolled).
+PRODUCTS_MAX = 16
+
+
 def _gather(x_MD, expert_ids_MA, w1_EDF, v1_EDF, w2_EFD, act):
-    """Each assignment's expert matrices gathered and applied to its token: M * A copies of
-    [D, F] matrices, so only for a few tokens (decoding)."""
+    """Each assignment's token times its expert's matrices: for a few tokens only (decoding).
+    Up to PRODUCTS_MAX assignments, one vector-matrix product each, which reads its matrix in
+    place (XLA fuses the slice into it; a decode step at batch 1 on CPU 2.6x faster than
+    gathering the M * A matrices into a new array first, which is what larger calls do)."""
+    M, A = expert_ids_MA.shape
 
     def chosen_experts(x, w_EIO):  # x: [M, I] (the tokens) or [M, A, I] (per assignment)
-        spec = "MI,MAIO->MAO" if x.ndim == 2 else "MAI,MAIO->MAO"
-        return jnp.einsum(spec, x, w_EIO[expert_ids_MA])
+        if M * A > PRODUCTS_MAX:
+            spec = "MI,MAIO->MAO" if x.ndim == 2 else "MAI,MAIO->MAO"
+            return jnp.einsum(spec, x, w_EIO[expert_ids_MA])
+        products = [
+            (x[m] if x.ndim == 2 else x[m, a])
+            @ jax.lax.dynamic_index_in_dim(w_EIO, expert_ids_MA[m, a], keepdims=False)
+            for m in range(M)
+            for a in range(A)
+        ]
+        return jnp.stack(products).reshape(M, A, -1)
 
     return glu(x_MD, w1_EDF, v1_EDF, w2_EFD, act, chosen_experts)
 
