@@ -134,6 +134,20 @@ def test_bench_train_compares_with_transformers():
     assert report["devices"] == 8 and report["knobs"]["dtype"] == "float32"
 
 
+def test_bench_forward_compares_with_transformers_on_the_same_weights():
+    result = helpers.run(
+        "benchmarks.bench_forward",
+        "--config=configs/bench.py:dbrx-tiny",
+        "--config.batch_size=2",
+        "--config.seq_len=16",
+        "--iters=1",
+    )
+    report = helpers.json_report(result.stdout)
+    assert report["ours_ms"] > 0 and report["hf_ms"] > 0 and report["speedup"] > 0
+    assert report["max_abs_logit_diff"] < 1e-4  # the same weights, the same logits
+    assert (report["preset"], report["batch"], report["seq_len"]) == ("dbrx-tiny", 2, 16)
+
+
 def test_bench_generate_compares_with_transformers():
     result = helpers.run(
         "benchmarks.bench_generate",
