@@ -1,6 +1,6 @@
 # `make train`: the main job. Build .venv (Python 3.11) if needed, install, train a sentencepiece
 # tokenizer on the embedded KJV corpus (cached in WORKDIR), then train a small DBRX on 8 simulated
-# CPU devices with expert parallelism (configs/demo.py, about 10 minutes on 2 cores).
+# CPU devices with expert parallelism (configs/demo.py, about 6 minutes on 2 cores).
 # `make test`: the whole suite (notebooks included); `make test-quick`: the unit tests only
 # (pytest -m "not slow"). `make notebooks`: re-run and save them.
 # `make lint`: ruff.
