@@ -44,8 +44,8 @@ def row_alignment(num_rows: int, num_groups: int) -> int:
 
 
 def head_rows(expected_rows: int, num_groups: int, align: int) -> int:
-    """C: the expected rows of a group rounded up to `align`, plus the half block of padding
-        a group has on average; a balanced routing then leaves little for the tail. (A larger head,
+    """C: the expected rows of a group plus the half block of padding a group has on average,
+    rounded up to `align`; a balanced routing then leaves little for the tail. (A larger head,
     1.15x or 1.3x the expected rows, made the dbrx-small training step slower.)"""
     per_group = -(-expected_rows // num_groups) + align // 2
     return max(align, -(-per_group // align) * align)
