@@ -520,31 +520,43 @@ def jax_to_hf(
         shards[-1].append((row, layer))
         size += nbytes
     total = sum(int(np.prod(row.hf_shape(config))) for row, _ in order) * out_dtype.itemsize
-    weight_map, writers, jobs = {}, [], []
-    for n, shard in enumerate(shards, start=1):
-        file_name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-        for row, layer in shard:
-            weight_map[row.hf_name.format(i=layer)] = file_name
-            for rows, piece_config, expert in pieces(row, config):
-                jobs.append(
-                    (arrays[row.path], row, layer, rows, piece_config, expert, len(writers))
-                )
-        writers.append((file_name, shard))
+    file_names = [
+        f"model-{n:05d}-of-{len(shards):05d}.safetensors" for n in range(1, len(shards) + 1)
+    ]
+    weight_map = {
+        row.hf_name.format(i=layer): file_name
+        for file_name, shard in zip(file_names, shards, strict=True)
+        for row, layer in shard
+    }
     writing = files.output_directory(
         output, inputs=[our_dir], kind=hf_format.CHECKPOINT_OUTPUT, overwrite=overwrite
     )
     with writing as tmp, _progress(total, "jax_to_hf", progress) as bar:
-        writers = [
-            SafetensorsWriter(
+        writers, jobs = [], []
+        for file_name, shard in zip(file_names, shards, strict=True):
+            writer = SafetensorsWriter(
                 os.path.join(tmp, file_name),
                 [
                     (row.hf_name.format(i=layer), out_dtype, row.hf_shape(config))
                     for row, layer in shard
                 ],
             )
-            for file_name, shard in writers
-        ]
-        jobs = [(*job[:-1], writers[job[-1]], our_dir, out_dtype) for job in jobs]
+            writers.append(writer)
+            jobs += [
+                (
+                    arrays[row.path],
+                    row,
+                    layer,
+                    rows,
+                    piece_config,
+                    expert,
+                    writer,
+                    our_dir,
+                    out_dtype,
+                )
+                for row, layer in shard
+                for rows, piece_config, expert in pieces(row, config)
+            ]
         try:
             _run(_export_piece, jobs, bar)
         except BaseException:
