@@ -132,12 +132,11 @@ def _over_long_groups(group_sizes_E, head: int, expert, carry):
     return jax.lax.fori_loop(0, count, lambda i, carry: expert(order_E[i], carry), carry)
 
 
-def _matmul(lhs_PI, rhs_EIO, group_sizes_E, head: int, transpose_rhs: bool):
+def _matmul(lhs_PI, rhs_EIO, group_sizes_E, head: int, plan: _Head, transpose_rhs: bool):
     """Head and tail of `lhs @ rhs[e]` (`rhs[e].T` with transpose_rhs: d lhs)."""
     P = lhs_PI.shape[0]
     O = rhs_EIO.shape[1] if transpose_rhs else rhs_EIO.shape[2]
     acc = _accumulator(lhs_PI.dtype)
-    plan = _Head(group_sizes_E, P, head)
     spec = "ECI,EOI->ECO" if transpose_rhs else "ECI,EIO->ECO"
     y_ECO = jnp.einsum(spec, plan.gather(lhs_PI), rhs_EIO, preferred_element_type=acc)
     head_PO = plan.scatter(y_ECO.astype(lhs_PI.dtype))
@@ -163,10 +162,9 @@ def _matmul(lhs_PI, rhs_EIO, group_sizes_E, head: int, transpose_rhs: bool):
     return head_PO + tail_PO
 
 
-def _transposed(lhs_PI, g_PO, group_sizes_E, head: int):
+def _transposed(lhs_PI, g_PO, group_sizes_E, head: int, plan: _Head):
     """`[E, I, O]`: per expert, `lhs_rows^T g_rows` over its group (d rhs)."""
     acc = _accumulator(lhs_PI.dtype)
-    plan = _Head(group_sizes_E, lhs_PI.shape[0], head)
     head_EIO = jnp.einsum(
         "ECI,ECO->EIO", plan.gather(lhs_PI), plan.gather(g_PO), preferred_element_type=acc
     )
@@ -189,7 +187,8 @@ def _transposed(lhs_PI, g_PO, group_sizes_E, head: int):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _gmm(lhs_PI, rhs_EIO, group_sizes_E, head):
-    return _matmul(lhs_PI, rhs_EIO, group_sizes_E, head, transpose_rhs=False)
+    plan = _Head(group_sizes_E, lhs_PI.shape[0], head)
+    return _matmul(lhs_PI, rhs_EIO, group_sizes_E, head, plan, transpose_rhs=False)
 
 
 def _gmm_fwd(lhs_PI, rhs_EIO, group_sizes_E, head):
@@ -200,8 +199,9 @@ def _gmm_fwd(lhs_PI, rhs_EIO, group_sizes_E, head):
 def _gmm_bwd(head, residuals, g_PO):
     lhs_PI, rhs_EIO, group_sizes_E = residuals
     g_PO = g_PO.astype(lhs_PI.dtype)
-    d_lhs = _matmul(g_PO, rhs_EIO, group_sizes_E, head, transpose_rhs=True)
-    d_rhs = _transposed(lhs_PI, g_PO, group_sizes_E, head)
+    plan = _Head(group_sizes_E, lhs_PI.shape[0], head)  # one for both gradients
+    d_lhs = _matmul(g_PO, rhs_EIO, group_sizes_E, head, plan, transpose_rhs=True)
+    d_rhs = _transposed(lhs_PI, g_PO, group_sizes_E, head, plan)
     return d_lhs, d_rhs.astype(rhs_EIO.dtype), None
 
 
