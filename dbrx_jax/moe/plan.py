@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 
 from dbrx_jax import sharding
 from dbrx_jax.config import DbrxConfig
+from dbrx_jax.moe.dispatch import PRODUCTS_MAX
 from dbrx_jax.moe.gmm import (
     TOKAMAX_MISSING,
     GroupedMatmul,
@@ -33,9 +34,10 @@ from dbrx_jax.moe.gmm import (
 
 log = logging.getLogger(__name__)
 
-# `moe_impl="auto"`: a call with at most this many (token, slot) assignments gathers each one's
-# expert weights instead of sorting (a decode step: sorting a few rows costs more than it saves).
-GATHER_MAX_ASSIGNMENTS = 16
+# `moe_impl="auto"`: a call with at most this many (token, slot) assignments multiplies each by
+# its expert's weights in place instead of sorting (a decode step: sorting a few rows costs
+# more than it saves); the gather path's limit for one product per assignment.
+GATHER_MAX_ASSIGNMENTS = PRODUCTS_MAX
 
 
 @dataclasses.dataclass(frozen=True)
