@@ -13,8 +13,9 @@
 - Other libraries' INFO logs (Orbax, JAX, grain) are hidden unless `-v 1`; this package's own
   log lines and warnings still show.
 - SIGTERM (a scheduler's stop, `kill`) raises SystemExit(143) in the main thread, so that
-  `finally` blocks run and a half-written output is removed (io/files.py); training replaces it
-  with its own handler, which saves a checkpoint first (train.py).
+  `finally` blocks run and a half-written output is removed (io/files.py, which also holds it
+  back through steps that must not be cut in half); training replaces it with its own handler,
+  which saves a checkpoint first (train.py).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from dbrx_jax.io import files
 
 USER_ERRORS = (ValueError, OSError, FloatingPointError, app.UsageError)
 QUIET_LOGGERS = ("absl", "jax", "jax._src", "orbax", "grain", "tensorstore")
-_SIGTERM_EXIT = 128 + signal.SIGTERM
 
 
 def run(main: Callable[[list[str]], object]) -> None:
@@ -69,8 +69,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def _terminate(signum, frame):
-    files.TERMINATING.set()  # for when this exception lands where Python ignores it
-    raise SystemExit(_SIGTERM_EXIT)
+    files.request_termination()
 
 
 def _run_main(main: Callable[[list[str]], object], argv: list[str]) -> None:

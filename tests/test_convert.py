@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import time
 
 import jax
 import jax.numpy as jnp
@@ -290,3 +291,21 @@ def test_rows_written_in_place_make_the_same_file(tmp_path):
     short.write_rows("a", 0, tensors["a"][:2])
     with pytest.raises(ValueError, match="short.safetensors: 2 tensors not fully written"):
         short.close()
+
+
+def test_a_failed_piece_cancels_the_queued_ones_and_waits_for_the_running():
+    """Nothing writes into the output after convert._run returns, and a failure does not go on
+    converting the rest of the model."""
+    started, ended = [], []
+
+    def piece(i, bar):
+        started.append(i)
+        if i == 0:
+            raise OSError("disk full")
+        time.sleep(0.3)
+        ended.append(i)
+
+    with pytest.raises(OSError, match="disk full"):
+        convert._run(piece, [(i,) for i in range(50)], bar=None)
+    assert sorted(ended) == sorted(started[1:])  # every piece that started has ended
+    assert len(started) <= convert.WORKERS + 1  # the failed piece, then one more per worker

@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -293,6 +294,64 @@ def test_a_partial_directory_whose_writer_runs_is_left_alone(export_dir, tmp_pat
     with pytest.raises(FileExistsError, match="another process on this host is writing"):
         convert.jax_to_hf(str(export_dir), str(tmp_path / "out"), progress=False)
     assert os.listdir(partial) == [".writer"]
+
+
+@pytest.fixture
+def terminate():
+    """A termination request, as dbrx_jax.cli's SIGTERM handler makes it; cleared afterwards."""
+    yield files.request_termination
+    files.TERMINATING.clear()
+
+
+def test_a_termination_request_waits_for_the_end_of_a_deferred_step(terminate):
+    steps = []
+    with pytest.raises(SystemExit) as stop:
+        with files.termination_deferred():
+            with files.termination_deferred():
+                terminate()
+                steps.append("inner")
+            steps.append("outer")
+        steps.append("after")
+    assert stop.value.code == 143
+    assert steps == ["inner", "outer"]
+    with pytest.raises(SystemExit):
+        terminate()  # outside a deferred step: at once
+
+
+@pytest.mark.parametrize("step", ["placeholder save", "zarr array", "export save"])
+def test_sigterm_inside_a_library_write_lets_it_finish_then_removes_the_output(
+    hf_dir, tmp_path, monkeypatch, terminate, step
+):
+    """An exception raised while the main thread waits on Orbax or tensorstore leaves their
+    threads writing into the partial directory as it is removed: the request waits instead."""
+    owner, name = {
+        "placeholder save": (convert.ocp.Checkpointer, "save"),
+        "zarr array": (convert.ts, "open"),
+        "export save": (checkpoint.ocp.StandardCheckpointer, "save"),
+    }[step]
+    original, calls = getattr(owner, name), []
+
+    def interrupted(*args, **kwargs):
+        first = not calls and sys._getframe(1).f_globals["__name__"].startswith("dbrx_jax.")
+        if first:  # our first call, not Orbax's own use of tensorstore
+            calls.append("interrupted")
+            terminate()
+        result = original(*args, **kwargs)
+        if first:
+            calls.append("finished")
+        return result
+
+    monkeypatch.setattr(owner, name, interrupted)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        if step == "export save":
+            model = Dbrx(CONFIG, rngs=nnx.Rngs(0))
+            checkpoint.export_params(nnx.state(model, nnx.Param), CONFIG, str(out))
+        else:
+            convert.hf_to_jax(str(hf_dir), str(out), progress=False)
+    assert stop.value.code == 143
+    assert calls == ["interrupted", "finished"]
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
 
 
 @pytest.mark.slow

@@ -332,10 +332,11 @@ def export_params(
         primary=jax.process_index() == 0,
         barrier=multihost_utils.sync_global_devices if multi else None,
     ) as tmp:
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(os.path.join(tmp, EXPORT_PARAMS), params)
-        checkpointer.wait_until_finished()
-        checkpointer.close()
+        with files.termination_deferred():  # Orbax's threads would write on after an exception
+            checkpointer = ocp.StandardCheckpointer()
+            checkpointer.save(os.path.join(tmp, EXPORT_PARAMS), params)
+            checkpointer.wait_until_finished()
+            checkpointer.close()
         if jax.process_index() == 0:
             with open(os.path.join(tmp, EXPORT_CONFIG), "w") as f:
                 f.write(config.to_json())

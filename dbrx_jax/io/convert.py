@@ -132,7 +132,8 @@ def _param_dirs(params_dir: str, model: Dbrx) -> dict[tuple[str, ...], str]:
     (abstract) model's parameter tree, and returns where each parameter's array lives in it."""
     placeholders = jax.tree.map(lambda x: jnp.zeros((1,), x.dtype), nnx.state(model, nnx.Param))
     handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False)
-    ocp.Checkpointer(handler).save(params_dir, placeholders)
+    with files.termination_deferred():  # Orbax's threads would write on after an exception
+        ocp.Checkpointer(handler).save(params_dir, placeholders)
     return {
         row.path: os.path.join(params_dir, ".".join(row.path) + ".value") for row in TENSOR_MAPS
     }
@@ -202,14 +203,14 @@ class _ZarrArray:
             "dtype": _zarr_dtype(dtype),
             "compressor": None,
         }
-        store = ts.open(
-            {
-                "driver": "zarr",
-                "kvstore": {"driver": "file", "path": path},
-                "metadata": zarray,
-                "create": True,
-            }
-        ).result()
+        spec = {
+            "driver": "zarr",
+            "kvstore": {"driver": "file", "path": path},
+            "metadata": zarray,
+            "create": True,
+        }
+        with files.termination_deferred():  # an interrupted wait leaves tensorstore writing
+            store = ts.open(spec).result()
         return cls(store, path, zarray)
 
     def _chunk_files(self, index: tuple[int, ...]) -> list[tuple[tuple[slice, ...], str]] | None:
@@ -348,16 +349,22 @@ _SCRATCH = threading.local()
 
 
 def _run(convert_piece, jobs: list[tuple], bar) -> None:
-    """convert_piece(*job, bar) for every job on WORKERS threads, at most 2 * WORKERS queued, so
-    a failure stops the conversion after the pieces already started."""
+    """convert_piece(*job, bar) for every job on WORKERS threads, at most 2 * WORKERS queued. A
+    failure or an interruption (SIGTERM, Ctrl-C) cancels the queued pieces and returns once the
+    running ones end, so that nothing writes into the output after this returns."""
     with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
         in_flight = collections.deque()
-        for job in jobs:
-            in_flight.append(pool.submit(convert_piece, *job, bar))
-            while len(in_flight) > 2 * WORKERS:
-                in_flight.popleft().result()
-        for future in in_flight:
-            future.result()
+        try:
+            for job in jobs:
+                in_flight.append(pool.submit(convert_piece, *job, bar))
+                while len(in_flight) > 2 * WORKERS:
+                    in_flight.popleft().result()
+            for future in in_flight:
+                future.result()
+        except BaseException:
+            for future in in_flight:
+                future.cancel()
+            raise
 
 
 def _scratch(role: str, shape, dtype: np.dtype) -> np.ndarray:

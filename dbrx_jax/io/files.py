@@ -19,7 +19,10 @@ Writing. `output_directory` is the one overwrite rule of the converter and of ex
   4. The partial directory is removed when the write fails or is interrupted (Ctrl-C, or
      SIGTERM through dbrx_jax.cli). One left by a killed process (SIGKILL, a power cut) is
      removed by the next write to the same output; a partial directory whose writer is still
-     running on this host is refused instead.
+     running on this host is refused instead. A SIGTERM is held back (`termination_deferred`)
+     while the partial directory is created and while it is renamed into place, and by writers
+     around steps that must not be cut in half, such as an Orbax save, whose threads go on
+     writing after the main thread stops.
 """
 
 from __future__ import annotations
@@ -38,11 +41,40 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 PARTIAL_SUFFIX = ".partial"
-# Set by a termination request (dbrx_jax.cli's SIGTERM handler). The handler also raises, but an
-# exception raised where Python ignores exceptions (a gc callback) is lost: checked again before
-# an output is put in place, so a stopped write never completes.
+SIGTERM_EXIT = 128 + 15  # a process stopped by SIGTERM exits with this status
+# Set by a termination request (request_termination). That also raises, but an exception raised
+# where Python ignores exceptions (a gc callback) is lost: checked again before an output is put
+# in place, so a stopped write never completes.
 TERMINATING = threading.Event()
 _OWNER_FILE = ".writer"  # inside the partial directory: "<host> <pid>"
+_deferring = 0  # how many termination_deferred blocks the main thread is in
+
+
+def request_termination() -> None:
+    """What a SIGTERM does (dbrx_jax.cli's handler calls this in the main thread): raises
+    SystemExit(143) now, or at the end of the `termination_deferred` block it lands in."""
+    TERMINATING.set()
+    if not _deferring:
+        raise SystemExit(SIGTERM_EXIT)
+
+
+@contextlib.contextmanager
+def termination_deferred() -> Iterator[None]:
+    """Holds back a termination request that lands in the block until the block ends, for steps
+    that an exception must not cut in half: an Orbax save stopped in the main thread leaves its
+    own threads writing into a directory that is being removed. Only the main thread, where
+    signal handlers run, is held back."""
+    global _deferring
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+    if not _deferring and TERMINATING.is_set():
+        raise SystemExit(SIGTERM_EXIT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,20 +241,25 @@ def output_directory(
         parent = os.path.dirname(output)
         if not os.path.isdir(parent):
             raise FileNotFoundError(f"output {output}: its parent directory does not exist")
-        _start_partial(output)
-    if barrier is not None:
-        barrier("output_directory: started")
+    ours = False  # whether this process created the partial directory, and so removes it
     try:
+        if primary:
+            with termination_deferred():  # a partial directory created is a partial one recorded
+                _start_partial(output)
+                ours = True
+        if barrier is not None:
+            barrier("output_directory: started")
         yield partial
         if barrier is not None:
             barrier("output_directory: written")
         if TERMINATING.is_set():
-            raise SystemExit(128 + 15)  # SIGTERM, whose exception was lost
+            raise SystemExit(SIGTERM_EXIT)  # SIGTERM, whose exception was lost
     except BaseException:
-        if primary:
+        if ours:
             shutil.rmtree(partial, ignore_errors=True)
         raise
     if primary:
-        _finish(partial, output)
+        with termination_deferred():  # never between moving the old output aside and the new in
+            _finish(partial, output)
     if barrier is not None:
         barrier("output_directory: in place")
