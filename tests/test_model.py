@@ -138,19 +138,24 @@ def test_remat_gives_identical_logits_and_gradients(policy, x64):
     _assert_same_program_results(config, config.replace(remat_policy=policy), _tokens((2, 8)))
 
 
-def test_unrolled_layers_equal_the_scan(x64):
-    """`scan_unroll` (auto: every block of a small model in a training step on CPU, the scan
-    elsewhere) changes how the layer loop compiles, not what it computes."""
+def test_layers_are_unrolled_for_a_small_models_training_step_on_cpu():
+    """`scan_unroll` auto: every block of a small model in a training step on CPU, the scan
+    elsewhere; a value given is kept."""
     assert layer_unroll_for(TINY, "cpu", training=True) == TINY.n_layers
     assert layer_unroll_for(TINY, "cpu", training=False) == 1
     assert layer_unroll_for(TINY, "gpu", training=True) == 1
     deep = TINY.replace(n_layers=CPU_UNROLL_LAYERS + 1)
     assert layer_unroll_for(deep, "cpu", training=True) == 1
     assert layer_unroll_for(TINY.replace(scan_unroll=1), "cpu", training=True) == 1
-    config = TINY.replace(dtype="float64", param_dtype="float64", scan_unroll=1)
-    _assert_same_program_results(config, config.replace(scan_unroll=2), _tokens((2, 8)))
     with pytest.raises(ValueError, match="scan_unroll"):
         TINY.replace(scan_unroll=-1)
+
+
+@pytest.mark.slow
+def test_unrolled_layers_equal_the_scan(x64):
+    """`scan_unroll` changes how the layer loop compiles, not what it computes."""
+    config = TINY.replace(dtype="float64", param_dtype="float64", scan_unroll=1)
+    _assert_same_program_results(config, config.replace(scan_unroll=2), _tokens((2, 8)))
 
 
 def _lowered_text(n_layers: int, *, grad: bool) -> str:

@@ -1,6 +1,8 @@
 """Every dispatch path and grouped-GEMM backend against the dense reference, values and
 gradients; the capacity path's drops; the dropless backward being gathers."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,7 +47,7 @@ def _value_and_grads(name, ids, args, cotangent, capacity_factor=None, fused=Fal
     impl, _, backend = name.partition(":")
     top_k = ids.shape[1]
 
-    def f(x, weights, w1, v1, w2):
+    def f(ids, x, weights, w1, v1, w2):
         return experts(
             x,
             ids,
@@ -59,8 +61,12 @@ def _value_and_grads(name, ids, args, cotangent, capacity_factor=None, fused=Fal
             capacity_factor=capacity_factor or E / top_k,
         )  # E/k: nothing dropped
 
-    (y, dropped), vjp = jax.vjp(f, *args)
-    return y, dropped, vjp((cotangent, np.zeros(dropped.shape, jax.dtypes.float0)))
+    @jax.jit  # as the model runs it: compiled, the routing traced
+    def run(ids, args, cotangent):
+        (y, dropped), vjp = jax.vjp(functools.partial(f, ids), *args)
+        return y, dropped, vjp((cotangent, np.zeros(dropped.shape, jax.dtypes.float0)))
+
+    return run(ids, args, cotangent)
 
 
 @pytest.mark.parametrize("routing", ["balanced", "skewed"])
@@ -192,16 +198,20 @@ def test_blocked_head_and_tail_equal_the_reference(dtype, spare):
     lhs, rhs, group_sizes, cotangent = _kernel_problem(rows, 24, 40, sizes, dtype)
     lhs = jnp.where(jnp.arange(rows)[:, None] < sum(sizes), lhs, 0)  # padding rows are zeros
 
-    def run(a, b):
-        return blocked.grouped_matmul(a, b, group_sizes, align=align, head=head)
+    @jax.jit
+    def run_and_grads(a, b, cotangent):
+        got, vjp = jax.vjp(
+            lambda a, b: blocked.grouped_matmul(a, b, group_sizes, align=align, head=head), a, b
+        )
+        return got, *vjp(cotangent)
 
-    got, vjp = jax.vjp(run, lhs, rhs)
+    got, *grads = run_and_grads(lhs, rhs, cotangent)
     # The reference in fp32 on the same values (bf16 autodiff would sum 1000 rows in bf16).
     f32 = [x.astype(jnp.float32) for x in (lhs, rhs, cotangent)]
     want, vjp_ref = jax.vjp(lambda a, b: _dense_gmm(a, b, group_sizes), *f32[:2])
     cotangent_ref = f32[2]
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
-    for x, y in zip((got, *vjp(cotangent)), (want, *vjp_ref(cotangent_ref)), strict=True):
+    for x, y in zip((got, *grads), (want, *vjp_ref(cotangent_ref)), strict=True):
         x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
         np.testing.assert_allclose(x, y, rtol=tol, atol=tol * np.abs(y).max())
     assert got.dtype == dtype and not np.asarray(got[sum(sizes) :], np.float32).any()
