@@ -244,7 +244,7 @@ def output_directory(
     ours = False  # whether this process created the partial directory, and so removes it
     try:
         if primary:
-            with termination_deferred():  # a partial directory created is a partial one recorded
+            with termination_deferred():  # created and known to be ours, or neither
                 _start_partial(output)
                 ours = True
         if barrier is not None:
