@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import time
 
 import jax
@@ -16,7 +17,7 @@ import transformers
 import dbrx_jax
 from benchmarks import hf_reference
 from dbrx_jax import DbrxConfig, sharding
-from dbrx_jax.io import convert
+from dbrx_jax.io import convert, files
 from dbrx_jax.io.safetensors import SafetensorsCheckpoint, SafetensorsWriter
 from tests import helpers
 
@@ -309,3 +310,28 @@ def test_a_failed_piece_cancels_the_queued_ones_and_waits_for_the_running():
         convert._run(piece, [(i,) for i in range(50)], bar=None)
     assert sorted(ended) == sorted(started[1:])  # every piece that started has ended
     assert len(started) <= convert.WORKERS + 1  # the failed piece, then one more per worker
+
+
+def test_a_second_sigterm_still_waits_for_the_running_pieces():
+    """A stop that arrives while a failed conversion waits for its running pieces (a second
+    SIGTERM) does not cut the wait short: the output directory is removed only after them."""
+    ended = []
+
+    def piece(i, bar):
+        if i == 0:
+            raise OSError("disk full")
+        if i == 1:
+            time.sleep(0.1)  # the main thread is waiting for this piece by now
+            os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.3)
+        ended.append(i)
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: files.request_termination())
+    try:
+        with pytest.raises(SystemExit) as stop:
+            convert._run(piece, [(i,) for i in range(50)], bar=None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        files.TERMINATING.clear()
+    assert stop.value.code == 143
+    assert 1 in ended

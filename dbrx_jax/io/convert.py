@@ -364,6 +364,8 @@ def _run(convert_piece, jobs: list[tuple], bar) -> None:
         except BaseException:
             for future in in_flight:
                 future.cancel()
+            with files.termination_deferred():  # a second SIGTERM must not cut this wait short
+                concurrent.futures.wait(in_flight)
             raise
 
 
