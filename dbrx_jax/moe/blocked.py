@@ -66,13 +66,15 @@ def _accumulator(dtype) -> jnp.dtype:
 
 
 class _Head:
-    """Where the head's rows come from and go to.
+    """Where the head's rows come from and go to, for groups of `group_sizes_E` rows and a head
+    of `head` (C) rows per group.
 
     row_EC: the row of each head slot (P, a zero row, past the group's end).
     slot_P: the head slot of each row (E * C, a zero row, for tail rows and rows past the
     groups). starts_E: the first row of each group."""
 
     def __init__(self, group_sizes_E, num_rows: int, head: int):
+        self.group_sizes_E, self.head = group_sizes_E, head
         E = group_sizes_E.shape[0]
         ends_E = jnp.cumsum(group_sizes_E)
         self.starts_E = ends_E - group_sizes_E
@@ -132,7 +134,7 @@ def _over_long_groups(group_sizes_E, head: int, expert, carry):
     return jax.lax.fori_loop(0, count, lambda i, carry: expert(order_E[i], carry), carry)
 
 
-def _matmul(lhs_PI, rhs_EIO, group_sizes_E, head: int, plan: _Head, transpose_rhs: bool):
+def _matmul(lhs_PI, rhs_EIO, plan: _Head, transpose_rhs: bool):
     """Head and tail of `lhs @ rhs[e]` (`rhs[e].T` with transpose_rhs: d lhs)."""
     P = lhs_PI.shape[0]
     O = rhs_EIO.shape[1] if transpose_rhs else rhs_EIO.shape[2]
@@ -155,14 +157,16 @@ def _matmul(lhs_PI, rhs_EIO, group_sizes_E, head: int, plan: _Head, transpose_rh
             y = jnp.where(valid[:, None], y.astype(lhs_PI.dtype), kept)
             return jax.lax.dynamic_update_slice_in_dim(tail_PO, y, at, 0)
 
-        start, size = plan.starts_E[e], group_sizes_E[e]
-        return _tail(start, size, head, P, multiply, tail_PO)
+        start, size = plan.starts_E[e], plan.group_sizes_E[e]
+        return _tail(start, size, plan.head, P, multiply, tail_PO)
 
-    tail_PO = _over_long_groups(group_sizes_E, head, expert, jnp.zeros((P, O), lhs_PI.dtype))
+    tail_PO = _over_long_groups(
+        plan.group_sizes_E, plan.head, expert, jnp.zeros((P, O), lhs_PI.dtype)
+    )
     return head_PO + tail_PO
 
 
-def _transposed(lhs_PI, g_PO, group_sizes_E, head: int, plan: _Head):
+def _transposed(lhs_PI, g_PO, plan: _Head):
     """`[E, I, O]`: per expert, `lhs_rows^T g_rows` over its group (d rhs)."""
     acc = _accumulator(lhs_PI.dtype)
     head_EIO = jnp.einsum(
@@ -178,17 +182,17 @@ def _transposed(lhs_PI, g_PO, group_sizes_E, head: int, plan: _Head):
         )
 
     def expert(e, d_EIO):
-        start, size = plan.starts_E[e], group_sizes_E[e]
-        d_IO = _tail(start, size, head, P, multiply, d_EIO[e])
+        start, size = plan.starts_E[e], plan.group_sizes_E[e]
+        d_IO = _tail(start, size, plan.head, P, multiply, d_EIO[e])
         return jax.lax.dynamic_update_index_in_dim(d_EIO, d_IO, e, 0)
 
-    return _over_long_groups(group_sizes_E, head, expert, head_EIO)
+    return _over_long_groups(plan.group_sizes_E, plan.head, expert, head_EIO)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _gmm(lhs_PI, rhs_EIO, group_sizes_E, head):
     plan = _Head(group_sizes_E, lhs_PI.shape[0], head)
-    return _matmul(lhs_PI, rhs_EIO, group_sizes_E, head, plan, transpose_rhs=False)
+    return _matmul(lhs_PI, rhs_EIO, plan, transpose_rhs=False)
 
 
 def _gmm_fwd(lhs_PI, rhs_EIO, group_sizes_E, head):
@@ -200,8 +204,8 @@ def _gmm_bwd(head, residuals, g_PO):
     lhs_PI, rhs_EIO, group_sizes_E = residuals
     g_PO = g_PO.astype(lhs_PI.dtype)
     plan = _Head(group_sizes_E, lhs_PI.shape[0], head)  # one for both gradients
-    d_lhs = _matmul(g_PO, rhs_EIO, group_sizes_E, head, plan, transpose_rhs=True)
-    d_rhs = _transposed(lhs_PI, g_PO, group_sizes_E, head, plan)
+    d_lhs = _matmul(g_PO, rhs_EIO, plan, transpose_rhs=True)
+    d_rhs = _transposed(lhs_PI, g_PO, plan)
     return d_lhs, d_rhs.astype(rhs_EIO.dtype), None
 
 
