@@ -362,10 +362,8 @@ def _run(convert_piece, jobs: list[tuple], bar) -> None:
             for future in in_flight:
                 future.result()
         except BaseException:
-            for future in in_flight:
-                future.cancel()
             with files.termination_deferred():  # a second SIGTERM must not cut this wait short
-                concurrent.futures.wait(in_flight)
+                pool.shutdown(cancel_futures=True)  # queued pieces dropped, running ones waited for
             raise
 
 
